@@ -1,0 +1,51 @@
+"""Mix stage: reasoning-gym domains -> train/eval prompt pools, few-shot examples, clusters and weights.
+
+CLIMB-style: embed every training prompt (all-MiniLM-L6-v2), k-means, optionally merge close clusters, and
+report how clusters align with domains. Mixture weights are uniform or token-share priors for now.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.common import Job, make_job, write_json, write_jsonl
+
+CODE = ("tasks/mix.py", "models/domains.py", "models/mixing.py")
+
+
+def plan(data: dict[str, Any], store: str, refresh: bool) -> Job:
+    return make_job("mix", data, {}, CODE, store, refresh)
+
+
+def build(job: Job, out: Path) -> dict[str, Any]:
+    from models import domains, mixing
+
+    data = job.config
+    train, held_out, shots = [], [], {}
+    for name, domain in data["domains"].items():
+        items = domains.build_items(name, domain["tasks"], size=data["train_size"] + data["eval_size"],
+                                    seed=data["seed"])
+        tr, ev = domains.split_items(items, data["eval_size"], seed=data["seed"])
+        train += tr
+        held_out += ev
+        shots[name] = domains.make_shots(domain["tasks"], k=data["shots"], seed=data["seed"] + 10_000)
+
+    embed = data["embed"]
+    vectors = mixing.embed_texts([it["question"] for it in train], batch_size=embed["batch_size"])
+    labels, centroids = mixing.kmeans(vectors, k=min(embed["clusters"], len(train)), seed=data["seed"])
+    if embed["merge_threshold"] > 0:
+        labels = mixing.merge_close_clusters(labels, centroids, threshold=embed["merge_threshold"])
+    for item, label in zip(train, labels):
+        item["cluster"] = int(label)
+    alignment = mixing.cluster_alignment(labels, [it["domain"] for it in train])
+    sizes = {name: sum(len(it["question"]) for it in train if it["domain"] == name) for name in data["domains"]}
+    weights = mixing.mixture_weights(sizes, strategy=data["weights"], temperature=data["temperature"])
+
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "eval.jsonl", held_out)
+    write_json(out / "shots.json", shots)
+    summary = {"train": len(train), "eval": len(held_out), "weights": weights,
+               "alignment": {k: alignment[k] for k in ("ari", "nmi", "purity")},
+               "contingency": alignment.get("contingency")}
+    write_json(out / "mix.json", summary)
+    return {k: summary[k] for k in ("train", "eval", "weights", "alignment")}

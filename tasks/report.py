@@ -1,0 +1,35 @@
+"""Report stage: one table (Markdown + JSON) and one bar chart over every evaluated model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.common import Job, make_job, read_json, write_json
+from tasks.store import ArtifactRef
+
+CODE = ("tasks/report.py", "models/report.py")
+
+
+def plan(evals: dict[str, ArtifactRef], store: str, refresh: bool) -> Job:
+    return make_job("report", {"models": list(evals)}, {f"eval/{k}": v for k, v in evals.items()}, CODE, store,
+                    refresh)
+
+
+def results_of(job: Job) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    results, tokens = {}, {}
+    for name in job.config["models"]:
+        metrics = read_json(Path(job.upstream[f"eval/{name}"].path) / "metrics.json")
+        results[name] = {d: m["pass@1"] for d, m in metrics["domains"].items()}
+        tokens[name] = {"mean tokens": sum(m["mean_tokens"] * m["n"] for m in metrics["domains"].values())
+                        / max(metrics["n"], 1)}
+    return results, tokens
+
+
+def build(job: Job, out: Path) -> dict[str, Any]:
+    from models import report
+
+    results, extra = results_of(job)
+    (out / "results.md").write_text(report.results_table_markdown(results, extra) + "\n")
+    report.results_bar_chart(results, out / "results.png", title="greedy pass@1 on held-out prompts")
+    write_json(out / "results.json", {"pass@1": results, "extra": extra})
+    return {"results": results}
