@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-STAGES = ("base", "teacher_model", "mix", "teacher", "sft", "merge", "rl", "eval", "report")
+STAGES = ("model", "mix", "teacher", "sft", "merge", "rl", "eval", "report")
 # Names of the merge registry (models/merge.py); checked against it in tests, kept here so validating a
 # config never imports torch.
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
