@@ -6,10 +6,9 @@ required, so a config that forgot a key fails loudly instead of silently taking 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 STAGES = ("model", "mix", "teacher", "sft", "merge", "rl", "eval", "report")
@@ -175,12 +174,6 @@ class PipelineConfig(Strict):
     eval: EvalConfig
     runner: RunnerConfig
     tracking: TrackingConfig
-
-    @model_validator(mode="after")
-    def _store_absolute(self) -> "PipelineConfig":
-        # Hydra jobs and Prefect workers may run elsewhere: pin the store to where the config was made.
-        self.run.store = str(Path(self.run.store).expanduser().resolve())
-        return self
 
 
 class ConfigError(ValueError):

@@ -202,13 +202,13 @@ def tiny_model(tokenizer, seed: int, config: dict) -> torch.nn.Module:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the chat turn terminator: Qwen's GGUF names <|endoftext|> as EOS, but an instruct
-    model ends its turn with <|im_end|>; generation must stop on either."""
+    """EOS plus the chat turn terminators this vocab has: an instruct model ends its turn with
+    <|im_end|> even where the file names another EOS; generation must stop on any of them."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"):
+        if tok in vocab and vocab[tok] not in ids:
+            ids.append(vocab[tok])
     return ids
 
 

@@ -1,0 +1,35 @@
+"""Hydra entry point: `python -m flows.run experiment=tiny merge.method=linear,ties -m`.
+
+Hydra composes conf/ (and sweeps it with -m); the schema validates it before any compute; the Prefect flow
+runs it. Returns the RL (else merged) model's mean pass@1 so an Optuna sweeper can optimise it unchanged.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from flows.config import CONF_DIR, to_dict
+from flows.schema import ConfigError, validate
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        config = validate(to_dict(cfg))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from None
+    from hydra.core.hydra_config import HydraConfig
+
+    from flows.pipeline import branchmerge
+
+    overrides = list(HydraConfig.get().overrides.task)
+    result = branchmerge(config=config, overrides=overrides)
+    overall = result["overall"]
+    return overall.get("rl", overall["merged"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The task-arithmetic family (mergekit's generalized_task_arithmetic.py): one engine, eight methods.
+
+Per tensor, with base b, model i, delta d_i = theta_i - b and weight w_i:
+1. sparsify d_i with the method's sparsifier and the model's `density`    -> d_i'
+2. weight:                      w_i * d_i'
+3. sign consensus (TIES-like):  s = sign(sum_i w_i d_i') (0 -> +1); m_i = [sign(w_i d_i') == s]
+                                (zeros never vote); D = sum_i m_i w_i d_i'   (no consensus: m_i = 1)
+4. `normalize`:                 D / sum_i m_i w_i   (a zero divisor counts as 1)
+5. `lambda`:                    D * lambda;  result b + D
+"""
+
+from functools import partial
+from typing import Annotated, Callable, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from . import sparsify as sp
+from .registry import MergeMethod, Params, register
+
+Density = Annotated[float, Field(gt=0, le=1)]
+
+
+class TaskArithmeticModel(Params):
+    weight: float
+    density: Density = 1.0
+
+
+class BreadcrumbsModel(TaskArithmeticModel):
+    gamma: Annotated[float, Field(ge=0, lt=1)] = 0.01
+
+
+class DellaModel(TaskArithmeticModel):
+    epsilon: Annotated[float, Field(ge=0, lt=1)] = 0.15
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self):
+        if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
+            raise ValueError(
+                f"density +/- epsilon must lie in (0, 1) (keep probabilities); "
+                f"got density={self.density}, epsilon={self.epsilon}"
+            )
+        return self
+
+
+class TaskArithmeticParams(Params):
+    normalize: bool = False
+    rescale: bool = False
+    # How `rescale` restores the size of a sparsified delta: mergekit's L1-norm match (default), or
+    # the DARE / DELLA papers' division by the keep probability.
+    rescale_mode: Literal["l1", "inverse_p"] = "l1"
+    lambda_: float = Field(1.0, alias="lambda")
+    int8_mask: bool = False  # accepted for mergekit configs; only changes mergekit's mask memory
+
+
+class TiesParams(TaskArithmeticParams):
+    normalize: bool = True
+
+
+class DareParams(TaskArithmeticParams):
+    rescale: bool = True
+
+
+class DellaParams(TaskArithmeticParams):
+    normalize: bool = True
+    rescale: bool = True
+
+
+# Sparsifiers: (delta, model params, global params, generator) -> sparsified delta.
+Sparsifier = Callable[[torch.Tensor, TaskArithmeticModel, TaskArithmeticParams, torch.Generator], torch.Tensor]
+
+
+def _rescale(p: TaskArithmeticParams) -> sp.Rescale:
+    return p.rescale_mode if p.rescale else None
+
+
+def _magnitude(d, m, p, g):
+    return sp.magnitude(d, m.density, _rescale(p))
+
+
+def _random(d, m, p, g):
+    return sp.bernoulli(d, m.density, g, _rescale(p))
+
+
+def _magnitude_outliers(d, m, p, g):
+    return sp.magnitude_outliers(d, m.density, m.gamma, _rescale(p))
+
+
+def _della_magprune(d, m, p, g):
+    return sp.della_magprune(d, m.density, m.epsilon, g, _rescale(p))
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    models: list[TaskArithmeticModel],
+    p: TaskArithmeticParams,
+    generator: torch.Generator,
+    *,
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+) -> torch.Tensor:
+    if not tensors:
+        return base
+    deltas = torch.stack([
+        sparsifier(t - base, m, p, generator) if sparsifier else t - base for t, m in zip(tensors, models)
+    ])
+    weights = torch.tensor([m.weight for m in models], dtype=deltas.dtype).view(-1, *[1] * base.dim())
+    deltas *= weights
+    if consensus:
+        majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+        mask = deltas.sign() == majority  # sign 0 never equals +-1: dropped entries do not vote
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if p.normalize:
+        mixed /= divisor
+    if p.lambda_ != 1:
+        mixed *= p.lambda_
+    return base + mixed
+
+
+#       name               sparsifier           consensus  global params          per-model params     reference
+FAMILY = [
+    ("task_arithmetic", None, False, TaskArithmeticParams, TaskArithmeticModel, "arxiv.org/abs/2212.04089"),
+    ("ties", _magnitude, True, TiesParams, TaskArithmeticModel, "arxiv.org/abs/2306.01708"),
+    ("dare_linear", _random, False, DareParams, TaskArithmeticModel, "arxiv.org/abs/2311.03099"),
+    ("dare_ties", _random, True, DareParams, TaskArithmeticModel, "arxiv.org/abs/2311.03099"),
+    ("breadcrumbs", _magnitude_outliers, False, TaskArithmeticParams, BreadcrumbsModel, "arxiv.org/abs/2312.06795"),
+    ("breadcrumbs_ties", _magnitude_outliers, True, TaskArithmeticParams, BreadcrumbsModel, "arxiv.org/abs/2312.06795"),
+    ("della", _della_magprune, True, DellaParams, DellaModel, "arxiv.org/abs/2406.11617"),
+    ("della_linear", _della_magprune, False, DareParams, DellaModel, "arxiv.org/abs/2406.11617"),
+]
+
+for _name, _sparsifier, _consensus, _params, _model_params, _ref in FAMILY:
+    register(MergeMethod(
+        name=_name,
+        fn=partial(generalized_task_arithmetic, sparsifier=_sparsifier, consensus=_consensus),
+        params=_params,
+        model_params=_model_params,
+        base="required",
+        reference=_ref,
+    ))
