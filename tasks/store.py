@@ -4,7 +4,7 @@ A stage's key hashes its config section, the digests of its upstream artifacts a
 same inputs always land in the same folder and a changed input lands in a new one (old artifacts survive).
 Writes go to a temp folder that is renamed into place, so a crash never leaves a half-written artifact under a
 valid key. Each artifact carries `_manifest.json` with per-file sha256, size and mtime; reuse checks size and
-mtime like DVC's state cache and rehashes only files whose stat changed, so verifying gigabytes of unchanged
+mtime (and ctime, which no tool can set back) like DVC's state cache and rehashes only files whose stat changed, so verifying gigabytes of unchanged
 weights costs milliseconds while a truncated, edited or deleted file is caught.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def write_manifest(folder: Path, stage: str, key: str, meta: dict[str, Any]) -> 
         st = p.stat()
         rel = p.relative_to(folder).as_posix()
         entries[rel] = {"sha256": file_sha256(p), "size": st.st_size}
-        state[rel] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        state[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     digest = stable_hash({k: v["sha256"] for k, v in entries.items()})
     manifest = {"stage": stage, "key": key, "digest": digest, "files": entries, "meta": meta,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -114,7 +114,7 @@ class Store:
         fresh_state = {}
         for rel, want in manifest["files"].items():
             st = (folder / rel).stat()
-            sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+            sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             if st.st_size != want["size"]:
                 return None
             if state.get(rel) != sig and file_sha256(folder / rel) != want["sha256"]:

@@ -1,0 +1,391 @@
+"""GRPO (group relative policy optimisation) with TRL GRPOTrainer semantics, as a Lightning module.
+
+Each step: sample `prompts_per_step` items, generate `num_generations` completions per prompt, score them with
+`reward_fn`, turn rewards into group-relative advantages, take one clipped policy-gradient step (one iteration
+per generation batch, so the importance ratio is 1 and clipping only matters for callers that reuse samples).
+
+Public API:
+    group_advantages(rewards, num_generations, scale_rewards) -> advantages
+    logprobs_from_logits(logits, ids, temperature) -> per-token log-probs (row-chunked)
+    selective_logprobs(model, input_ids, attention_mask, logits_to_keep, *, temperature) -> per-token log-probs
+    grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, ...) -> (loss, metrics)
+    GRPOModule(model, tokenizer, reward_fn, build_messages, *, ...)
+    train_grpo(model_dir, items, reward_fn, build_messages, out_dir, *, ...) -> dict
+
+Reward function (TRL signature): reward_fn(prompts=[messages]*, completions=[str]*, completion_ids=[[int]]*,
+**columns) -> list[float | None], one entry per completion (B*G, grouped by prompt); `prompts` are the chat
+messages from build_messages, `completions` the decoded text up to the end-of-turn token, `columns` every field
+of the items (repeated per completion). None = "no opinion": left out of the group baseline, advantage 0.
+
+Not here yet: dynamic sampling, overlong shaping, truncated-completion masking, GSPO sequence-level ratios,
+num_iterations > 1, SASR (these compose around grpo_loss / group_advantages).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+import warnings
+
+import lightning as L
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.sft import end_of_turn_text, load_for_training, make_optimizer, make_trainer, save_model_folder
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+ADAM_BETAS = (0.9, 0.999)  # HF TrainingArguments defaults, which TRL's GRPO uses
+STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- math
+
+
+def _nan_std(x: torch.Tensor, valid: torch.Tensor, dim=None) -> torch.Tensor:
+    """Unbiased std (torch.std's default, as TRL) over valid entries; 0 where fewer than 2 are valid."""
+    n = valid.sum(dim=dim)
+    x0 = torch.where(valid, x, 0.0)
+    mean = x0.sum(dim=dim) / n.clamp(min=1)
+    centred = torch.where(valid, x - (mean.unsqueeze(-1) if dim is not None else mean), 0.0)
+    var = (centred**2).sum(dim=dim) / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
+
+
+def group_stats(rewards: torch.Tensor, num_generations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and unbiased std of the rewards that are not NaN, shape [B] each."""
+    grouped = rewards.view(-1, num_generations)
+    valid = ~grouped.isnan()
+    mean = torch.where(valid, grouped, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+    return mean, _nan_std(grouped, valid, dim=-1)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
+    """Â_i = (R_i - mean of its group) / (std + 1e-4), as TRL GRPOTrainer.
+
+    rewards: [B*G] float, consecutive blocks of `num_generations` share a prompt. NaN (a reward_fn None) is
+    left out of the group mean/std and gets advantage 0. scale_rewards: "group" divides by the group's std,
+    "batch" by the std of the whole batch (group mean still subtracted), "none" does not divide (Dr. GRPO).
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"rl.scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards are not a multiple of num_generations={num_generations}")
+    rewards = rewards.float()
+    mean, std = group_stats(rewards, num_generations)
+    adv = rewards - mean.repeat_interleave(num_generations)
+    if scale_rewards == "group":
+        adv = adv / (std.repeat_interleave(num_generations) + STD_EPS)
+    elif scale_rewards == "batch":
+        adv = adv / (_nan_std(rewards, ~rewards.isnan()) + STD_EPS)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[ids] per position, [B, K, V] -> [B, K], in float32.
+
+    One row (sequence) at a time, so at most one [K, V] float32 temporary exists in the forward pass (the
+    full-batch log_softmax would copy all of [B, K, V]); gather - logsumexp never materialises log_softmax.
+    """
+    rows = []
+    for row_logits, row_ids in zip(logits, ids):
+        row = row_logits.float() / temperature
+        rows.append(row.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position, [B, K, V] -> [B, K] (a metric: no gradient)."""
+    rows = []
+    for row_logits in logits:
+        row = row_logits.float() / temperature
+        lse = torch.logsumexp(row, dim=-1, keepdim=True)
+        rows.append((lse - (torch.exp(row - lse) * row).sum(-1, keepdim=True)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def completion_logits(model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+    """Logits predicting the last `logits_to_keep` tokens, [B, K, V].
+
+    Position ids come from the attention mask, as in generate(): with left padding the first real token is at
+    position 0, so the log-probs here are those of the distribution the completions were sampled from.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=logits_to_keep + 1, use_cache=False)
+    return out.logits[:, :-1]  # the last position predicts the token after the sequence: drop it
+
+
+def selective_logprobs(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float) -> torch.Tensor:
+    """Per-token log-probs [B, K] of the last K = logits_to_keep tokens of input_ids under model at temperature T.
+
+    input_ids = [left-padded prompt | completion]; TRL divides the logits by the sampling temperature too.
+    """
+    logits = completion_logits(model, input_ids, attention_mask, logits_to_keep)
+    return logprobs_from_logits(logits, input_ids[:, -logits_to_keep:], temperature)
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
+                   num_items_in_batch=None) -> torch.Tensor:
+    """Reduce [B, K] per-token losses to a scalar the way TRL's loss_type says (see module docstring)."""
+    if loss_type == "grpo":  # token mean per sequence, then mean over sequences (length-biased)
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":  # token mean over this (local) batch
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":  # constant normaliser: no length bias
+        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    if loss_type == "dapo":  # token mean over the global batch (all micro-batches of the step)
+        total = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype)
+        return (per_token * mask).sum() / total.clamp(min=1.0)
+    raise ValueError(f"rl.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, epsilon: float, epsilon_high: float | None,
+              beta: float, loss_type: str, max_completion_length: int, num_items_in_batch=None):
+    """Clipped surrogate + β·k3 KL per token, aggregated by loss_type. Returns (loss, metrics).
+
+    logps/old_logps/ref_logps: [B, K]; advantages: [B]; completion_mask: [B, K] (1 = real completion token).
+    r = exp(logp - old); loss_t = -min(r·A, clip(r, 1-ε, 1+ε_high)·A) + β·(exp(ref-logp) - (ref-logp) - 1).
+    epsilon_high=None means ε_high = ε. num_items_in_batch: active tokens in the whole step (dapo only; None =
+    this batch's). metrics (floats): clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, and kl
+    when beta != 0 — token means over the mask.
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype).unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta != 0 needs ref_logps")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1  # k3 estimator: unbiased, always >= 0
+        per_token = per_token + beta * kl
+    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1.0)
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
+        metrics = {
+            "clip_ratio/low_mean": float((low * mask).sum() / n),
+            "clip_ratio/high_mean": float((high * mask).sum() / n),
+            "clip_ratio/region_mean": float(((low + high) * mask).sum() / n),
+        }
+        if kl is not None:
+            metrics["kl"] = float((kl * mask).sum() / n)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------- module
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first end token, 0 after; rows without one (truncated) are all 1."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    width = completion_ids.size(1)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], width, dtype=torch.long))
+    return (torch.arange(width, device=completion_ids.device)[None, :] <= first[:, None]).long()
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Tokens that end a completion: generation_config eos ids, the tokenizer's eos and the chat end-of-turn."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+    if len(eot) == 1:
+        ids.add(eot[0])
+    return sorted(i for i in ids if i is not None)
+
+
+class GRPOModule(L.LightningModule):
+    """One GRPO step per batch (a list of item dicts): generate, score, advantages, one optimizer step.
+
+    Manual optimisation: the update may be split into micro-batches of `micro_batch_size` completions (None =
+    all B*G at once) with the loss normalised over the whole step, so the result does not depend on the split
+    (bnpo: TRL's per-micro-batch normalisation, averaged). `history` holds each step's metrics.
+    """
+
+    def __init__(self, model, tokenizer, reward_fn, build_messages, *, ref_model, num_generations, lr, beta,
+                 epsilon, epsilon_high, loss_type, scale_rewards, max_new_tokens, temperature, top_p, weight_decay,
+                 micro_batch_size=None):
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"rl.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"rl.scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
+        if num_generations < 2:
+            raise ValueError(f"rl.num_generations={num_generations}: GRPO needs >= 2 completions per prompt")
+        if beta != 0.0 and ref_model is None:
+            raise ValueError("rl.beta != 0 needs a reference model")
+        self.automatic_optimization = False
+        self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
+        self.reward_fn, self.build_messages = reward_fn, build_messages
+        self.hp = dict(num_generations=num_generations, lr=lr, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
+                       loss_type=loss_type, scale_rewards=scale_rewards, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, weight_decay=weight_decay,
+                       micro_batch_size=micro_batch_size)
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.history: list[dict] = []
+        self.tokens = 0
+
+    def configure_optimizers(self):
+        return make_optimizer(self.model.parameters(), lr=self.hp["lr"], betas=ADAM_BETAS,
+                              weight_decay=self.hp["weight_decay"])
+
+    @torch.no_grad()
+    def generate(self, items: list[dict]) -> dict:
+        """Sample G completions per item; rows are grouped by prompt ([p0g0, p0g1, ..., p1g0, ...])."""
+        hp, tok = self.hp, self.tokenizer
+        messages = [self.build_messages(it) for it in items]
+        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            **enc, do_sample=True, temperature=hp["temperature"], top_p=hp["top_p"], top_k=0,  # top_k=0: off, as TRL
+            max_new_tokens=hp["max_new_tokens"], num_return_sequences=hp["num_generations"],
+            pad_token_id=self.pad_id, eos_token_id=self.stop_ids, use_cache=True,
+        )
+        self.model.train(was_training)
+        prompt_len = enc["input_ids"].size(1)
+        completion_ids = out[:, prompt_len:]
+        completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
+        prompt_mask = enc["attention_mask"].repeat_interleave(hp["num_generations"], 0)
+        return {
+            "messages": messages, "input_ids": out, "completion_ids": completion_ids,
+            "attention_mask": torch.cat([prompt_mask, completion_mask], 1), "completion_mask": completion_mask,
+        }
+
+    def score(self, items: list[dict], batch: dict) -> torch.Tensor:
+        """Call reward_fn with TRL's keyword signature; None -> NaN. Returns [B*G] float32."""
+        G = self.hp["num_generations"]
+        ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        columns = {k: [it[k] for it in items for _ in range(G)] for k in items[0]}
+        prompts = [m for m in batch["messages"] for _ in range(G)]
+        rewards = self.reward_fn(prompts=prompts, completions=texts, completion_ids=ids, **columns)
+        if len(rewards) != len(texts):
+            raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
+        return torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float32)
+
+    def policy_update(self, batch: dict, advantages: torch.Tensor) -> dict:
+        """One optimizer step over all completions, micro-batched; returns loss, clip ratios, kl, entropy."""
+        hp = self.hp
+        n, K = batch["completion_ids"].shape
+        mask = batch["completion_mask"]
+        total_tokens = mask.sum()
+        mb = hp["micro_batch_size"] or n
+        opt = self.optimizers()
+        opt.zero_grad()
+        sums: dict[str, float] = {}
+        for s in range(0, n, mb):
+            rows = slice(s, min(s + mb, n))
+            logits = completion_logits(self.model, batch["input_ids"][rows], batch["attention_mask"][rows], K)
+            logps = logprobs_from_logits(logits, batch["completion_ids"][rows], hp["temperature"])
+            ref = None
+            if hp["beta"] != 0.0:
+                with torch.no_grad():
+                    ref = selective_logprobs(self.ref_model, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                             K, temperature=hp["temperature"])
+            loss, metrics = grpo_loss(
+                logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=hp["epsilon"],
+                epsilon_high=hp["epsilon_high"], beta=hp["beta"], loss_type=hp["loss_type"],
+                max_completion_length=hp["max_new_tokens"], num_items_in_batch=total_tokens,
+            )
+            if hp["loss_type"] != "dapo":  # dapo is already normalised over the whole step
+                loss = loss * (rows.stop - rows.start) / n
+            self.manual_backward(loss)
+            # Token-weighted sums so the step's metrics are token means over all micro-batches.
+            w = float(mask[rows].sum()) / max(float(total_tokens), 1.0)
+            metrics["entropy"] = float((entropy_from_logits(logits.detach(), hp["temperature"]) * mask[rows]).sum()
+                                       / mask[rows].sum().clamp(min=1))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + w * v
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        opt.step()
+        return sums
+
+    def training_step(self, items, batch_idx):
+        start = time.perf_counter()
+        hp = self.hp
+        if self.ref_model is not None:
+            self.ref_model.eval()  # Lightning's fit() puts every submodule in train mode
+        batch = self.generate(items)
+        rewards = self.score(items, batch)
+        advantages = group_advantages(rewards, hp["num_generations"], hp["scale_rewards"])
+        metrics = self.policy_update(batch, advantages)
+
+        _, std = group_stats(rewards, hp["num_generations"])
+        lengths = batch["completion_mask"].sum(1).float()
+        truncated = ~torch.isin(batch["completion_ids"], torch.tensor(self.stop_ids, device=self.device)).any(1)
+        self.tokens += int(batch["attention_mask"].sum())
+        metrics.update({
+            "reward": float(rewards.nanmean()), "reward_std": float(std.mean()),
+            "frac_reward_zero_std": float((std < 1e-6).float().mean()),
+            "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.float().mean()),
+            "tokens": float(self.tokens), "step_time": time.perf_counter() - start,
+        })
+        self.history.append(metrics)
+        for k, v in metrics.items():
+            self.log(f"train/{k}", v, on_step=True, prog_bar=k in ("reward", "loss"), batch_size=len(items))
+
+
+def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> list[list[int]]:
+    """Item indices per step: walk seeded permutations of all items (a new one each pass), like TRL's sampler."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * prompts_per_step:
+        perm = list(range(n_items))
+        rng.shuffle(perm)
+        order += perm
+    return [order[s * prompts_per_step : (s + 1) * prompts_per_step] for s in range(steps)]
+
+
+def train_grpo(model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, steps: int, prompts_per_step: int,
+               num_generations: int, lr: float, beta: float, epsilon: float, epsilon_high: float | None,
+               loss_type: str, scale_rewards: str, max_new_tokens: int, temperature: float, top_p: float,
+               weight_decay: float, precision: str, seed: int, save_dtype: str, logger=None, progress: bool = True,
+               micro_batch_size: int | None = None) -> dict:
+    """GRPO-train the model in `model_dir` for `steps` steps on `items`, save an HF folder to `out_dir`.
+
+    build_messages(item) -> chat messages for the prompt. The reference model (beta != 0) is a frozen copy of
+    model_dir. Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens", "wall_time_s",
+    "out_dir"}.
+    """
+    if not items:
+        raise ValueError("rl: no items to train on")
+    start = time.perf_counter()
+    L.seed_everything(seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ref_model = None
+    if beta != 0.0:
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    module = GRPOModule(
+        load_for_training(model_dir), tokenizer, reward_fn, build_messages, ref_model=ref_model,
+        num_generations=num_generations, lr=lr, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
+        loss_type=loss_type, scale_rewards=scale_rewards, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, weight_decay=weight_decay, micro_batch_size=micro_batch_size,
+    )
+    batches = [[items[i] for i in idx] for idx in step_items(len(items), steps, prompts_per_step, seed)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen reference model
+        trainer = make_trainer(max_steps=steps, max_epochs=1, grad_accum=1, precision=precision, logger=logger,
+                               progress=progress, root_dir=root)
+        trainer.fit(module, train_dataloaders=loader)
+
+    save_model_folder(module.model, tokenizer, out_dir, save_dtype)
+    return {
+        "steps": len(module.history), "reward": module.history[-1]["reward"], "history": module.history,
+        "tokens": module.tokens, "wall_time_s": time.perf_counter() - start, "out_dir": str(out_dir),
+    }
