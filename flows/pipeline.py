@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-for _var, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+for _var, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "branchmerge",
                      "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_var, _value)
@@ -34,6 +34,7 @@ from tasks.common import Job, execute, write_json  # noqa: E402
 from tasks.store import ArtifactRef, Store  # noqa: E402
 
 log = logging.getLogger("branchmerge")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
 
 def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | None:
@@ -50,21 +51,25 @@ def run_stage(job: Job, module: str, mlflow_run_id: str | None = None, tracking_
               ) -> ArtifactRef:
     """One stage as one Prefect task run; `module` names the tasks/ module whose `build` does the work."""
     build = importlib.import_module(module).build
-    if "logger" in inspect.signature(build).parameters:
+    if "logger" not in inspect.signature(build).parameters:
+        return execute(job, build)
+
+    def build_with_logger(job: Job, out: Path) -> dict[str, Any]:
         logger = None
-        if mlflow_run_id:
+        if mlflow_run_id:  # imported only when training really runs: lightning costs seconds to import
             from lightning.pytorch.loggers import MLFlowLogger
 
             logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run_id)
-        return execute(job, lambda j, out: build(j, out, logger=logger))
-    return execute(job, build)
+        return build(job, out, logger=logger)
+
+    return execute(job, build_with_logger)
 
 
 class Stages:
     """Submits jobs to Prefect, tracks each in MLflow and remembers what happened for the summary."""
 
-    def __init__(self, cfg: PipelineConfig, tracker: Tracker):
-        self.cfg, self.tracker = cfg, tracker
+    def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: ThreadPoolTaskRunner):
+        self.cfg, self.tracker, self.runner = cfg, tracker, runner
         self.records: dict[str, dict[str, Any]] = {}
         self.pending: dict[str, tuple[Future, str | None, float]] = {}
 
@@ -72,8 +77,9 @@ class Stages:
         if job.stage in self.pending:  # e.g. teacher model == student model: one artifact, one task run
             return self.pending[job.stage][0]
         run_id = self.tracker.stage_run(job.stage, job.config)
-        future = run_stage.with_options(task_run_name=job.stage).submit(
-            job, module, run_id, getattr(self.tracker, "uri", None))
+        future = self.runner.submit(run_stage.with_options(task_run_name=job.stage),
+                                    {"job": job, "module": module, "mlflow_run_id": run_id,
+                                     "tracking_uri": getattr(self.tracker, "uri", None)})
         self.pending[job.stage] = (future, run_id, time.perf_counter())
         return future
 
@@ -100,6 +106,11 @@ class Stages:
 
 
 def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
+    """Built per run from the config (a deployment's overrides may change it), not fixed on the decorator."""
+    if cfg.runner.kind == "threads" and cfg.runner.max_workers > 1:
+        import transformers  # resolve its lazy imports once here: concurrent first imports in threads fail
+
+        transformers.AutoModel, transformers.AutoModelForCausalLM  # noqa: B018
     return ThreadPoolTaskRunner(max_workers=1 if cfg.runner.kind == "sequential" else cfg.runner.max_workers)
 
 
@@ -108,12 +119,21 @@ def branchmerge(config: PipelineConfig | None = None, overrides: list[str] | Non
     """Run the whole loop. From the CLI `config` comes composed by Hydra; from a deployment or the UI, pass
     Hydra `overrides` (e.g. ["experiment=tiny", "merge.method=ties"]) and the flow composes conf/ itself."""
     cfg = config if config is not None else compose(overrides or [])
-    logger = get_run_logger()
     started = time.perf_counter()
-    store, refresh = cfg.run.store, set(cfg.run.refresh)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
     tracker.start(cfg.run.name, cfg.model_dump(), {"overrides": " ".join(overrides or [])})
-    stages = Stages(cfg, tracker)
+    try:
+        with task_runner_for(cfg) as runner:
+            report_ref, teacher_ref, stages = run_stages(cfg, tracker, Stages(cfg, tracker, runner))
+    except BaseException:
+        tracker.finish({}, [], status="FAILED")
+        raise
+    return finish(cfg, stages, tracker, report_ref, teacher_ref, started)
+
+
+def run_stages(cfg: PipelineConfig, tracker: Tracker, stages: Stages) -> tuple[ArtifactRef, ArtifactRef, Stages]:
+    logger = get_run_logger()
+    store, refresh = cfg.run.store, set(cfg.run.refresh)
 
     def fresh(stage: str) -> bool:
         return stage in refresh
@@ -149,8 +169,7 @@ def branchmerge(config: PipelineConfig | None = None, overrides: list[str] | Non
     evals = stages.run_all({name: eval_stage.plan(cfg.eval.model_dump(), name, ref, mix_ref, store, fresh("eval"))
                             for name, ref in models.items()}, "tasks.eval")
     report_ref = stages.run(report.plan(evals, store, fresh("report")), "tasks.report")
-
-    return finish(cfg, stages, tracker, report_ref, teacher_ref, started)
+    return report_ref, teacher_ref, stages
 
 
 def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, report_ref: ArtifactRef,
@@ -179,7 +198,7 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, report_ref: Ar
                     str(Path(report_ref.path) / "results.png")])
     reused = sum(r["status"] == "reused" for r in stages.records.values())
     logger.info("stages: %d computed, %d reused", len(stages.records) - reused, reused)
-    print("\n" + table)
-    print(f"report: {report_ref.path}/results.md (+ results.png)")
-    print(f"summary: {summary_path}")
-    return {"summary": str(summary_path), "overall": overall, "results": results}
+    logger.info("results (greedy pass@1, held-out):\n%s", table)
+    logger.info("summary: %s", summary_path)
+    return {"summary": str(summary_path), "overall": overall, "results": results, "table": table,
+            "report": report_ref.path}

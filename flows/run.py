@@ -24,9 +24,16 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from flows.pipeline import branchmerge
+    from flows.tracking import preload
+
+    if config.tracking.enabled:
+        preload()  # import MLflow while Prefect starts its server, not after
 
     overrides = list(HydraConfig.get().overrides.task)
     result = branchmerge(config=config, overrides=overrides)
+    print("\n" + result["table"])
+    print(f"report:  {result['report']}/results.md (+ results.png)")
+    print(f"summary: {result['summary']}")
     overall = result["overall"]
     return overall.get("rl", overall["merged"])
 

@@ -36,12 +36,33 @@ class TaskSpec(Strict):
     @field_validator("name")
     @classmethod
     def _known_task(cls, name: str) -> str:
-        import reasoning_gym  # light import (no torch)
-
-        known = sorted(reasoning_gym.factory.DATASETS)
+        known = reasoning_gym_tasks()
         if name not in known:
             raise ValueError(f"unknown reasoning-gym task {name!r}; known tasks: {', '.join(known)}")
         return name
+
+
+def reasoning_gym_tasks() -> list[str]:
+    """Registered reasoning-gym task names, cached on disk per installed version: importing reasoning-gym
+    takes seconds, and a cached rerun must not pay that just to validate its config."""
+    import json
+    import os
+    from importlib.metadata import version
+    from pathlib import Path
+
+    cache = Path(os.environ.get("BRANCHMERGE_CACHE", "~/.cache/branchmerge")).expanduser()
+    path = cache / f"reasoning_gym-{version('reasoning-gym')}-tasks.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        import reasoning_gym
+
+        names = sorted(reasoning_gym.factory.DATASETS)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(names))
+        tmp.replace(path)
+        return names
 
 
 class DomainConfig(Strict):
@@ -95,7 +116,7 @@ class TeacherConfig(Strict):
     max_new_tokens: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     keep_per_prompt: int = Field(gt=0)
-    keep: Literal["verified", "all"]
+    keep: Literal["verified", "well_formed", "all"]
 
 
 class SFTConfig(Strict):

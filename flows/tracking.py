@@ -13,6 +13,14 @@ from tasks.store import ArtifactRef
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def preload() -> None:
+    """Import MLflow (~2-4 s) in a background thread so it overlaps with Prefect's server start-up."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("mlflow.tracking",), daemon=True).start()
+
+
 def _flat(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(obj, dict):
         for k, v in obj.items():

@@ -2,23 +2,28 @@
 
 generate() returns, for each conversation, n completions {"text", "num_tokens", "finished"}.
 
-Why it is shaped this way:
-- Rows (conversation x sample) are sorted by prompt length and cut into batches, so left padding
-  wastes little compute; outputs are put back in input order.
+Why it is shaped this way (a small decode loop of our own instead of model.generate):
+- Prompts dominate the cost here (few-shot prompts of ~150 tokens, answers of ~20-60), so each
+  prompt is prefilled once and its KV cache repeated for the n samples (generate() would prefill
+  every sample), and only the last position's logits are computed during prefill.
+- Prompts are sorted by length and cut into batches, so left padding wastes little; batch_size
+  counts decoded rows (prompts per batch = batch_size // n, at least 1); outputs come back in input
+  order.
+- Rows that hit a stop token (EOS or the chat terminator <|im_end|>) are dropped from the batch at
+  once, and the batch ends when none is left.
 - temperature == 0 means greedy: the n completions would be identical, so each prompt is decoded
-  once and the completion is repeated n times (n is still honoured so callers can treat greedy and
-  sampling alike, e.g. pass@k of a greedy run == pass@1).
-- Each batch draws from its own RNG state seeded from (seed, batch index) inside fork_rng, so the
-  same seed + inputs + batch_size give the same outputs on CPU and the caller's RNG is untouched.
-- Generation stops at EOS or the chat turn terminator (<|im_end|>), and a batch stops as soon as
-  all its rows have finished (transformers' stopping criteria).
+  once and the completion repeated n times (callers treat greedy and sampling alike: pass@k of a
+  greedy run == pass@1).
+- Sampling is plain temperature + nucleus (top_p) sampling, no top-k. Each batch draws from its
+  own torch.Generator seeded from (seed, batch index): the same seed, inputs and batch_size give
+  the same outputs on CPU, and the global RNG is untouched.
 """
 
 import logging
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import DynamicCache
 
 from models.hf import stop_token_ids
 
@@ -32,12 +37,6 @@ def prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def length_sorted_batches(rows: list[tuple[int, int]], lengths: list[int], batch_size: int) -> list[list[tuple[int, int]]]:
-    """Rows (prompt index, sample index) grouped into batches of similar prompt length."""
-    order = sorted(rows, key=lambda r: (lengths[r[0]], r[0], r[1]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -49,7 +48,7 @@ def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def completion(tokenizer, new_ids: list[int], stops: set[int]) -> dict:
-    """Cut a generated row at its first stop token (kept in num_tokens: the model produced it)."""
+    """A generated row cut at its first stop token (counted in num_tokens: the model produced it)."""
     cut = next((i for i, t in enumerate(new_ids) if t in stops), None)
     body = new_ids if cut is None else new_ids[:cut]
     return {"text": tokenizer.decode(body, skip_special_tokens=True),
@@ -57,15 +56,52 @@ def completion(tokenizer, new_ids: list[int], stops: set[int]) -> dict:
             "finished": cut is not None}
 
 
-def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
-    """An explicit config, so a model folder's own sampling defaults (top_k=50, repetition
-    penalties, ...) never leak into our runs."""
-    stops = stop_token_ids(tokenizer)
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=tokenizer.bos_token_id, use_cache=True)
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Greedy when temperature == 0, else nucleus sampling from softmax(logits / temperature)."""
     if temperature == 0:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def decode_batch(model, prompts: list[list[int]], samples: int, temperature: float, top_p: float,
+                 max_new_tokens: int, stops: list[int], pad_id: int, gen: torch.Generator) -> list[list[int]]:
+    """New token ids for each (prompt, sample) row, prompt-major; rows end at their stop token."""
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    logits, cache = out.logits[:, -1], out.past_key_values
+    if samples > 1:  # one prefill per prompt, shared by its samples
+        cache.batch_repeat_interleave(samples)
+        logits, mask, pos = (t.repeat_interleave(samples, dim=0) for t in (logits, mask, pos))
+    next_pos = pos[:, -1:] + 1
+    alive = torch.arange(logits.shape[0], device=device)  # batch row -> output row
+    tokens: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    stop_ids = torch.tensor(stops, device=device)
+    for step in range(max_new_tokens):
+        nxt = next_tokens(logits, temperature, top_p, gen)
+        for r, t in zip(alive.tolist(), nxt.tolist()):
+            tokens[r].append(t)
+        keep = ~torch.isin(nxt, stop_ids)
+        if step == max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():  # finished rows leave the batch
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            alive, mask, next_pos, nxt = alive[idx], mask[idx], next_pos[idx], nxt[idx]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        logits, cache, next_pos = out.logits[:, -1], out.past_key_values, next_pos + 1
+    return tokens
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], *, n: int, temperature: float, top_p: float,
@@ -73,24 +109,23 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, n: int, tempe
     """For each conversation, n completions {"text", "num_tokens", "finished"} (see module doc)."""
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"n, batch_size and max_new_tokens must be >= 1 (got {n}, {batch_size}, {max_new_tokens})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (got {temperature})")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     prompts = prompt_ids(tokenizer, conversations)
     samples = 1 if temperature == 0 else n
-    rows = [(p, s) for p in range(len(prompts)) for s in range(samples)]
-    batches = length_sorted_batches(rows, [len(p) for p in prompts], batch_size)
-    gc = generation_config(tokenizer, temperature, top_p, max_new_tokens)
-    stops = set(stop_token_ids(tokenizer))
-    out: list[list[dict | None]] = [[None] * samples for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda p: (len(prompts[p]), p))
+    per_batch = max(1, batch_size // samples)
+    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    stops = stop_token_ids(tokenizer)
     device = next(model.parameters()).device
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
+    out: list[list[dict]] = [[] for _ in prompts]
+    with torch.inference_mode():
         for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch")):
-            torch.manual_seed(seed * 100_003 + b)
-            ids, mask = left_padded([prompts[p] for p, _ in batch], tokenizer.pad_token_id)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
-            for (p, s), row in zip(batch, gen[:, ids.shape[1]:].tolist()):
-                out[p][s] = completion(tokenizer, row, stops)
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+            rows = decode_batch(model, [prompts[p] for p in batch], samples, temperature, top_p, max_new_tokens,
+                                stops, tokenizer.pad_token_id, gen)
+            for i, p in enumerate(batch):
+                out[p] = [completion(tokenizer, r, set(stops)) for r in rows[i * samples:(i + 1) * samples]]
     if samples == 1 and n > 1:
         out = [[dict(o[0]) for _ in range(n)] for o in out]
     return out

@@ -246,7 +246,8 @@ class GRPOModule(L.LightningModule):
         hp, tok = self.hp, self.tokenizer
         messages = [self.build_messages(it) for it in items]
         texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(self.device)
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        enc = enc.to(self.device)
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
@@ -317,7 +318,7 @@ class GRPOModule(L.LightningModule):
         start = time.perf_counter()
         hp = self.hp
         if self.ref_model is not None:
-            self.ref_model.eval()  # Lightning's fit() puts every submodule in train mode
+            self.ref_model.eval()  # frozen: keep it in eval mode whatever mode the caller or Lightning set
         batch = self.generate(items)
         rewards = self.score(items, batch)
         advantages = group_advantages(rewards, hp["num_generations"], hp["scale_rewards"])
@@ -331,7 +332,8 @@ class GRPOModule(L.LightningModule):
             "reward": float(rewards.nanmean()), "reward_std": float(std.mean()),
             "frac_reward_zero_std": float((std < 1e-6).float().mean()),
             "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.float().mean()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.float().mean()),
             "tokens": float(self.tokens), "step_time": time.perf_counter() - start,
         })
         self.history.append(metrics)
@@ -358,8 +360,7 @@ def train_grpo(model_dir, items: list[dict], reward_fn, build_messages, out_dir,
     """GRPO-train the model in `model_dir` for `steps` steps on `items`, save an HF folder to `out_dir`.
 
     build_messages(item) -> chat messages for the prompt. The reference model (beta != 0) is a frozen copy of
-    model_dir. Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens", "wall_time_s",
-    "out_dir"}.
+    model_dir. Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens", "wall_time_s"}.
     """
     if not items:
         raise ValueError("rl: no items to train on")
@@ -387,5 +388,5 @@ def train_grpo(model_dir, items: list[dict], reward_fn, build_messages, out_dir,
     save_model_folder(module.model, tokenizer, out_dir, save_dtype)
     return {
         "steps": len(module.history), "reward": module.history[-1]["reward"], "history": module.history,
-        "tokens": module.tokens, "wall_time_s": time.perf_counter() - start, "out_dir": str(out_dir),
+        "tokens": module.tokens, "wall_time_s": time.perf_counter() - start
     }

@@ -139,7 +139,8 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -203,7 +204,8 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hp
         opt = make_optimizer(self.model.parameters(), lr=hp["lr"], betas=hp["betas"], weight_decay=hp["weight_decay"])
-        sched = make_scheduler(opt, scheduler=hp["scheduler"], warmup_ratio=hp["warmup_ratio"], total_steps=hp["total_steps"])
+        sched = make_scheduler(opt, scheduler=hp["scheduler"], warmup_ratio=hp["warmup_ratio"],
+                               total_steps=hp["total_steps"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -221,8 +223,9 @@ def save_model_folder(model, tokenizer, out_dir, save_dtype: str) -> Path:
     return out_dir
 
 
-def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool, root_dir: str) -> L.Trainer:
-    """CPU-or-whatever Lightning Trainer with no checkpoints, no summary, logging every step."""
+def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool,
+                 root_dir: str) -> L.Trainer:
+    """Lightning Trainer on the default accelerator: no checkpoints, no model summary, metrics logged every step."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     return L.Trainer(
@@ -247,7 +250,7 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
 
     Stops after `epochs` passes or `max_steps` optimizer steps, whichever comes first (max_steps=-1: no step
     limit). Returns {"loss" (last step), "loss_history", "steps", "tokens", "target_tokens", "examples",
-    "dropped", "wall_time_s", "out_dir"}.
+    "dropped", "wall_time_s"}.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"sft.scheduler={scheduler!r}: expected one of {SCHEDULERS}")
@@ -259,7 +262,8 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
     rows = [tokenize_example(tokenizer, e["messages"], e["completion"], max_length) for e in examples]
     kept = [r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])]
     if len(kept) < len(rows):
-        log.warning("sft: dropped %d of %d examples whose prompt fills max_length=%d", len(rows) - len(kept), len(rows), max_length)
+        log.warning("sft: dropped %d of %d examples whose prompt fills sft.max_length=%d",
+                    len(rows) - len(kept), len(rows), max_length)
     if not kept:
         raise ValueError(f"sft: no example has a target token within max_length={max_length}")
 
@@ -283,5 +287,5 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
     return {
         "loss": module.history[-1], "loss_history": module.history, "steps": trainer.global_step,
         "tokens": module.tokens, "target_tokens": module.target_tokens, "examples": len(kept),
-        "dropped": len(rows) - len(kept), "wall_time_s": time.perf_counter() - start, "out_dir": str(out_dir),
+        "dropped": len(rows) - len(kept), "wall_time_s": time.perf_counter() - start
     }

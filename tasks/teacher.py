@@ -42,8 +42,8 @@ def build(job: Job, out: Path) -> dict[str, Any]:
             row = {"id": item["id"], "domain": item["domain"], "completion": c["text"], "answer": answer,
                    "score": domains.score(item, answer), "finished": c["finished"], "num_tokens": c["num_tokens"]}
             scored.append(row)
-            well_formed = c["finished"] and answer is not None
-            accepted = row["score"] == 1.0 if cfg["keep"] == "verified" else well_formed
+            accepted = {"verified": row["score"] == 1.0, "well_formed": c["finished"] and answer is not None,
+                        "all": True}[cfg["keep"]]
             if accepted and c["text"] not in seen and len(seen) < cfg["keep_per_prompt"]:
                 seen.add(c["text"])
                 kept.append({"id": item["id"], "domain": item["domain"], "messages": messages,

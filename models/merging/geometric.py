@@ -1,7 +1,5 @@
 """Methods that interpolate by geometry: slerp, nearswap, model_stock (mergekit's formulas)."""
 
-import math
-
 import torch
 
 from .registry import MergeMethod, Params, register
@@ -23,11 +21,12 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: f
     norm_b = torch.linalg.vector_norm(b)
     norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
     norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
-    dot = float(((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1))  # normalise first: no overflow
-    if abs(dot) > dot_threshold:
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)  # normalise first: no overflow
+    t = torch.tensor(t, dtype=dot.dtype)  # coefficients in the compute dtype, as mergekit does
+    if dot.abs() > dot_threshold:
         return (1 - t) * v0 + t * v1
-    theta = math.acos(dot)
-    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+    theta = torch.acos(dot)
+    return (torch.sin((1 - t) * theta) / torch.sin(theta)) * v0 + (torch.sin(t * theta) / torch.sin(theta)) * v1
 
 
 def slerp(base, tensors, models, p: SlerpParams, generator) -> torch.Tensor:

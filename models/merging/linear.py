@@ -20,10 +20,16 @@ def _check_linear(p: LinearParams, models: list[LinearModel]) -> None:
 
 def linear(base, tensors: list[torch.Tensor], models: list[LinearModel], p: LinearParams, generator) -> torch.Tensor:
     """sum_i w_i theta_i, divided by sum_i w_i when `normalize`."""
-    out = sum(m.weight * t for t, m in zip(tensors, models))
+    # Accumulate in float32 (float64 stays float64) with mergekit's op order, so results match it bit
+    # for bit and a bf16 compute dtype does not round every partial sum.
+    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    w = torch.tensor([m.weight for m in models], dtype=acc, device=tensors[0].device)
+    out = torch.zeros_like(tensors[0], dtype=acc)
+    for t, wi in zip(tensors, w):
+        out.addcmul_(t, wi)
     if p.normalize:
-        out = out / sum(m.weight for m in models)
-    return out
+        out /= w.sum()
+    return out.to(tensors[0].dtype)
 
 
 class PassthroughModel(Params):

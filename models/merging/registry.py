@@ -135,7 +135,7 @@ def validate_value(schema: type[BaseModel], name: str, value: Any, where: str) -
 
 
 def describe(schema: type[BaseModel]) -> str:
-    """'density: float > 0, <= 1 = 1.0' style summary, used in error messages."""
+    """'weight (required), density (default 1.0)': the schema in one line, for error messages."""
     parts = []
     for n, f in schema.model_fields.items():
         default = "required" if f.is_required() else f"default {f.default!r}"

@@ -13,7 +13,9 @@ import torch
 Rescale = Literal["l1", "inverse_p"] | None
 
 
-def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, keep_prob: float | torch.Tensor) -> torch.Tensor:
+def rescaled(
+    delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, keep_prob: float | torch.Tensor
+) -> torch.Tensor:
     masked = delta * mask
     if rescale is None:
         return masked
@@ -24,6 +26,12 @@ def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: Rescale, keep_pro
     if before < 1e-7 or after < 1e-7:  # nothing to match (mergekit's eps): leave it masked
         return masked
     return masked * (before / after)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # Draw on the generator's device (CPU for tensor_generator) and move the mask: the same seed then
+    # gives the same mask whether the merge runs on CPU or GPU.
+    return torch.bernoulli(probs.to(generator.device), generator=generator).to(probs.device)
 
 
 def _abs_flat(delta: torch.Tensor) -> torch.Tensor:
@@ -41,7 +49,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = None) -> t
         return delta.clone()
     k = max(1, int(density * delta.numel()))
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.topk(_abs_flat(delta), k, sorted=False).indices] = 1
+    # argsort, not topk: among equal magnitudes (common in bf16) it keeps the same entries as mergekit.
+    mask[torch.argsort(_abs_flat(delta), descending=True)[:k]] = 1
     return rescaled(delta, mask.view_as(delta), rescale, density)
 
 
@@ -69,7 +78,7 @@ def bernoulli(delta: torch.Tensor, density: float, generator: torch.Generator, r
         return delta
     # Draw in float32 whatever the compute dtype, so a seed gives the same mask in every dtype.
     keep = torch.full(delta.shape, density, dtype=torch.float32, device=delta.device)
-    mask = torch.bernoulli(keep, generator=generator).to(delta.dtype)
+    mask = _draw(keep, generator).to(delta.dtype)
     return rescaled(delta, mask, rescale, density)
 
 
@@ -90,5 +99,5 @@ def della_magprune(
     # A one-element row has no rank spread (mergekit divides 0/0 there): give it the mean probability.
     rank_norm = torch.where(span > 0, (ranks - lo) / span.clamp(min=1), torch.full_like(ranks, 0.5))
     probs = (density - epsilon) + 2 * epsilon * rank_norm
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = _draw(probs, generator)
     return rescaled(rows, mask.to(rows.dtype), rescale, probs).to(delta.dtype).reshape(shape)

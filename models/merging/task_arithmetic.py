@@ -105,7 +105,8 @@ def generalized_task_arithmetic(
     deltas = torch.stack([
         sparsifier(t - base, m, p, generator) if sparsifier else t - base for t, m in zip(tensors, models)
     ])
-    weights = torch.tensor([m.weight for m in models], dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * base.dim())
+    weights = torch.tensor([m.weight for m in models], dtype=deltas.dtype, device=deltas.device)
+    weights = weights.view(-1, *[1] * base.dim())
     deltas *= weights
     if consensus:
         majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)

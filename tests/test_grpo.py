@@ -1,0 +1,267 @@
+"""GRPO math against plain-Python references; log-probs against full log-softmax and generate(); a tiny run."""
+
+import math
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.grpo import (completion_mask_from_ids, entropy_from_logits, group_advantages, grpo_loss,
+                         logprobs_from_logits, selective_logprobs, train_grpo)
+
+# ----------------------------------------------------------------------------------------------- advantages
+
+REWARDS = [1.0, 0.0, 0.5, 1.0,  # mixed
+           0.3, 0.3, 0.3, 0.3,  # zero std: advantage 0
+           None, 1.0, 0.0, None,  # Nones are left out of the baseline
+           None, None, None, None,  # nothing to learn
+           2.0, None, 0.0, 0.5]  # one None
+
+
+def reference_advantages(rewards, G, scale):
+    valid = [r for r in rewards if r is not None]
+    batch_std = statistics.stdev(valid)  # unbiased, as torch.std
+    out = []
+    for g in range(0, len(rewards), G):
+        group = [r for r in rewards[g : g + G] if r is not None]
+        mean = sum(group) / len(group) if group else 0.0
+        std = statistics.stdev(group) if len(group) >= 2 else 0.0
+        for r in rewards[g : g + G]:
+            if r is None:
+                out.append(0.0)
+            elif scale == "group":
+                out.append((r - mean) / (std + 1e-4))
+            elif scale == "batch":
+                out.append((r - mean) / (batch_std + 1e-4))
+            else:
+                out.append(r - mean)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_reference(scale):
+    rewards = torch.tensor([math.nan if r is None else r for r in REWARDS])
+    got = group_advantages(rewards, num_generations=4, scale_rewards=scale)
+    assert got.tolist() == pytest.approx(reference_advantages(REWARDS, 4, scale), rel=1e-5, abs=1e-6)
+
+
+def test_group_advantages_without_none_equal_trl_formula():
+    r = torch.tensor([0.1, 0.9, 0.4, 0.4, 1.0, 0.0])
+    grouped = r.view(-1, 3)
+    trl = (r - grouped.mean(1).repeat_interleave(3)) / (grouped.std(1).repeat_interleave(3) + 1e-4)
+    torch.testing.assert_close(group_advantages(r, 3, "group"), trl)
+
+
+def test_group_advantages_rejects_bad_settings():
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.zeros(4), 2, "std")
+    with pytest.raises(ValueError, match="num_generations"):
+        group_advantages(torch.zeros(5), 2, "group")
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def loss_inputs():
+    g = torch.Generator().manual_seed(3)
+    B, K = 4, 6
+    logps = -torch.rand(B, K, generator=g) * 3
+    old = logps + (torch.rand(B, K, generator=g) - 0.5) * 1.2  # ratios from ~0.55 to ~1.8: both clip sides
+    ref = logps + (torch.rand(B, K, generator=g) - 0.5) * 0.8
+    adv = torch.tensor([1.3, -0.8, 0.5, -1.6])
+    mask = torch.zeros(B, K)
+    for b, n in enumerate([6, 3, 1, 4]):
+        mask[b, :n] = 1
+    return logps, old, ref, adv, mask
+
+
+def reference_loss(logps, old, ref, adv, mask, *, eps, eps_high, beta, loss_type, max_len):
+    B, K = len(logps), len(logps[0])
+    per_seq, total, n_tok, low, high, kls = [], 0.0, 0, 0, 0, 0.0
+    for b in range(B):
+        seq_sum, seq_n = 0.0, 0
+        for t in range(K):
+            if mask[b][t] == 0:
+                continue
+            r = math.exp(logps[b][t] - old[b][t])
+            rc = min(max(r, 1 - eps), 1 + eps_high)
+            loss = -min(r * adv[b], rc * adv[b])
+            d = ref[b][t] - logps[b][t]
+            kl = math.exp(d) - d - 1
+            loss += beta * kl
+            low += r < 1 - eps and adv[b] < 0
+            high += r > 1 + eps_high and adv[b] > 0
+            kls += kl
+            seq_sum += loss
+            seq_n += 1
+        per_seq.append(seq_sum / seq_n)
+        total += seq_sum
+        n_tok += seq_n
+    value = {"grpo": sum(per_seq) / B, "bnpo": total / n_tok, "dapo": total / n_tok,
+             "dr_grpo": total / (B * max_len)}[loss_type]
+    return value, {"clip_ratio/low_mean": low / n_tok, "clip_ratio/high_mean": high / n_tok,
+                   "clip_ratio/region_mean": (low + high) / n_tok, "kl": kls / n_tok}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_loss_matches_reference(loss_type):
+    logps, old, ref, adv, mask = loss_inputs()
+    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    loss, metrics = grpo_loss(logps, old, ref, adv, mask, **kw)
+    want, want_metrics = reference_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
+                                        eps=0.2, eps_high=0.28, beta=0.04, loss_type=loss_type, max_len=8)
+    assert want_metrics["clip_ratio/low_mean"] > 0 and want_metrics["clip_ratio/high_mean"] > 0  # both sides hit
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert metrics == pytest.approx(want_metrics, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_loss_split_into_micro_batches_sums_to_whole(loss_type):
+    """GRPOModule's accumulation: dapo normalises by the step's tokens, the others are scaled by rows / B."""
+    logps, old, ref, adv, mask = loss_inputs()
+    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    whole, _ = grpo_loss(logps, old, ref, adv, mask, **kw)
+    parts = 0.0
+    for rows in (slice(0, 3), slice(3, 4)):
+        part, _ = grpo_loss(logps[rows], old[rows], ref[rows], adv[rows], mask[rows],
+                            num_items_in_batch=mask.sum(), **kw)
+        parts += part if loss_type == "dapo" else part * (rows.stop - rows.start) / 4
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-6)  # terms ~1 cancel to ~3e-3
+
+
+def test_grpo_loss_without_beta_ignores_ref_and_symmetric_default():
+    logps, old, ref, adv, mask = loss_inputs()
+    kw = dict(beta=0.0, loss_type="bnpo", max_completion_length=8)
+    a, metrics = grpo_loss(logps, old, None, adv, mask, epsilon=0.2, epsilon_high=None, **kw)
+    b, _ = grpo_loss(logps, old, ref, adv, mask, epsilon=0.2, epsilon_high=0.2, **kw)
+    want, _ = reference_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
+                             eps=0.2, eps_high=0.2, beta=0.0, loss_type="bnpo", max_len=8)
+    assert a.item() == b.item() == pytest.approx(want, rel=1e-5)
+    assert "kl" not in metrics
+
+
+# ----------------------------------------------------------------------------------------------- log-probs
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def left_padded_batch(tok):
+    texts = ["a short one", "a noticeably longer prompt with more words in it"]
+    return tok(texts, return_tensors="pt", padding=True, padding_side="left")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_logprobs_equal_full_log_softmax(model_and_tok, temperature):
+    model, tok = model_and_tok
+    enc = left_padded_batch(tok)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    K = 4
+    got = selective_logprobs(model, ids, mask, K, temperature=temperature)
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    full = torch.log_softmax(logits[:, -K - 1 : -1].float() / temperature, dim=-1)
+    torch.testing.assert_close(got, full.gather(-1, ids[:, -K:, None]).squeeze(-1))
+    # The padded short row must score its tokens as the unpadded sequence does (positions follow the mask).
+    alone = tok(["a short one"], return_tensors="pt")  # 3 tokens: score the last 2
+    torch.testing.assert_close(got[0, -2:], selective_logprobs(model, alone["input_ids"], alone["attention_mask"], 2,
+                                                               temperature=temperature)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_logprobs_and_entropy_from_bf16_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 50, generator=g) * 4).bfloat16()
+    ids = torch.randint(0, 50, (3, 5), generator=g)
+    lp = torch.log_softmax(logits.float() / 1.3, -1)
+    torch.testing.assert_close(logprobs_from_logits(logits, ids, 1.3), lp.gather(-1, ids[..., None]).squeeze(-1))
+    torch.testing.assert_close(entropy_from_logits(logits, 1.3), -(lp.exp() * lp).sum(-1))
+
+
+def test_logprobs_match_the_sampling_distribution_of_generate(model_and_tok):
+    """What we train on is what generate() sampled from: same temperature, same positions under left padding."""
+    model, tok = model_and_tok
+    enc = left_padded_batch(tok)
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    completion = out.sequences[:, enc["input_ids"].size(1) :]
+    cmask = completion_mask_from_ids(completion, [tok.eos_token_id])
+    sampled = torch.stack([torch.log_softmax(step.float() / 0.7, -1) for step in out.logits], 1)
+    want = sampled.gather(-1, completion[..., None]).squeeze(-1)
+    attn = torch.cat([enc["attention_mask"], cmask], 1)
+    got = selective_logprobs(model, out.sequences, attn, completion.size(1), temperature=0.7)
+    torch.testing.assert_close(got * cmask, want * cmask, rtol=1e-4, atol=1e-4)
+
+
+def test_completion_mask_stops_after_first_end_token():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert completion_mask_from_ids(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+ITEMS = [{"id": f"q{i}", "domain": "arith", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(5)]
+
+
+def build_messages(item):
+    return [{"role": "user", "content": item["question"]}]
+
+
+class ToyReward:
+    """Deterministic: the fraction of vowels in the completion text; one completion in 8 returns None."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions, completion_ids, **columns):
+        self.calls.append(dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
+        rewards = [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+        return [None if i % 8 == 7 else r for i, r in enumerate(rewards)]
+
+
+GRPO = dict(steps=2, prompts_per_step=2, num_generations=4, lr=1e-3, beta=0.04, epsilon=0.2, epsilon_high=0.28,
+            loss_type="dapo", scale_rewards="group", max_new_tokens=8, temperature=1.0, top_p=0.95,
+            weight_decay=0.0, precision="32-true", seed=0, save_dtype="float32", progress=False)
+
+
+def test_train_grpo_two_steps_writes_loadable_folder(tiny_model_dir, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    reward = ToyReward()
+    logger = CSVLogger(tmp_path / "logs", name="grpo")
+    out = train_grpo(tiny_model_dir, ITEMS, reward, build_messages, tmp_path / "rl", logger=logger,
+                     micro_batch_size=3, **GRPO)
+    assert out["steps"] == 2 and len(reward.calls) == 2
+    for call, step in zip(reward.calls, out["history"]):
+        assert len(call["completions"]) == len(call["prompts"]) == len(call["completion_ids"]) == 8
+        assert all(call["id"][i] == call["id"][i // 4 * 4] for i in range(8))  # grouped by prompt
+        assert all(call["prompts"][i] == build_messages({"question": q}) for i, q in enumerate(call["question"]))
+        rewards = ToyReward()(**call)
+        assert step["reward"] == pytest.approx(statistics.mean(r for r in rewards if r is not None), rel=1e-5)
+        assert step["completions/mean_length"] == pytest.approx(statistics.mean(map(len, call["completion_ids"])))
+        assert step["kl"] >= 0.0 and math.isfinite(step["loss"])
+    assert out["history"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tmp_path / "rl"), AutoTokenizer.from_pretrained(tmp_path / "rl")
+    ids = tok("What is 1 + 1?", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    before, after = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(f"{tmp_path}/rl/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    header = open(f"{logger.log_dir}/metrics.csv").readline().strip().split(",")
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                 "completions/clipped_ratio", "clip_ratio/region_mean", "kl", "entropy", "loss"):
+        assert f"train/{name}" in header
+
+
+def test_train_grpo_is_deterministic_for_a_seed(tiny_model_dir, tmp_path):
+    settings = dict(GRPO, beta=0.0, loss_type="grpo", scale_rewards="none", steps=1)
+    a = train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / "a", **settings)
+    b = train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / "b", **settings)
+    assert a["history"][0]["reward"] == b["history"][0]["reward"]
+    wa, wb = load_file(f"{tmp_path}/a/model.safetensors"), load_file(f"{tmp_path}/b/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

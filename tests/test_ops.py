@@ -1,0 +1,135 @@
+"""Operations around the flow, each against the real tool: a Hydra multirun sweep, `dvc repro` in a fresh git
+repo, and a nightly deployment registered on a real local Prefect server started here."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def env_with(**extra):
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def summaries(store: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((store / "runs").glob("*/summary.json"))]
+
+
+def test_hydra_multirun_sweep_shares_upstream(tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", "merge.method=linear,ties", "-m",
+                           f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=ROOT, env=env_with(BRANCHMERGE_STORE=store), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = summaries(store)
+    assert [s["config"]["merge"]["method"] for s in (first, second)] == ["linear", "ties"]
+    assert set(s["status"] for s in first["stages"].values()) == {"computed"}
+    reused = {k for k, v in second["stages"].items() if v["status"] == "reused"}
+    assert {"model/tiny-llama", "mix", "teacher", "sft/arithmetic", "sft/counting", "sft/sorting",
+            "eval/base"} <= reused
+    assert second["stages"]["merge"]["status"] == "computed"
+
+
+def test_bad_override_fails_before_compute(tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", "merge.method=foo"], cwd=ROOT,
+                          env=env_with(BRANCHMERGE_STORE=store), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "merge.method='foo'" in proc.stderr and "ties" in proc.stderr
+    assert not store.exists()  # nothing was computed or written
+
+
+def test_dvc_repro_tiny(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "artifacts", "outputs", "multirun",
+                                                              "dvc", "*.db", "__pycache__", ".pytest_cache"))
+    env = env_with(BRANCHMERGE_STORE=tmp_path / "store", DVC_NO_ANALYTICS=1, DVC_SITE_CACHE_DIR=tmp_path / "dvc-site",
+                   DVC_GLOBAL_CONFIG_DIR=tmp_path / "dvc-global", PATH=f"{Path(PY).parent}:{os.environ['PATH']}")
+
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh(PY, "-m", "flows.stage", "params", "experiment=tiny", "tracking=none")
+    out = sh("dvc", "repro")
+    for stage in ("model_student", "mix", "teacher", "sft@arithmetic", "sft@sorting", "merge", "rl", "eval"):
+        assert f"'{stage}'" in out
+    metrics = json.loads((repo / "dvc/metrics.json").read_text())
+    assert set(metrics) == {"base", "branch/arithmetic", "branch/counting", "branch/sorting", "merged", "rl"}
+    assert (repo / "dvc/merge/model.safetensors").exists() and (repo / "dvc/merge/config.json").exists()
+    assert "Data and pipelines are up to date" in sh("dvc", "repro")
+    # Changing a merge parameter reruns merge and what follows, nothing upstream.
+    params = (repo / "params.yaml").read_text().replace("method: linear", "method: ties")
+    (repo / "params.yaml").write_text(params.replace("normalize: true", "normalize: true\n    density: 0.5"))
+    out = sh("dvc", "repro")
+    assert "Running stage 'merge'" in out and "Running stage 'sft@arithmetic'" not in out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    env = env_with(PREFECT_HOME=tmp_path / "prefect-home", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_UI_ENABLED="false")
+    server = subprocess.Popen([str(Path(PY).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        import httpx
+
+        for _ in range(120):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not become healthy in 60 s")
+        yield url, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_deployment_registers_nightly_schedule(prefect_server):
+    import httpx
+
+    url, env = prefect_server
+    env = env | {"PREFECT_API_URL": url}
+    proc = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "name=nightly-test", "cron=30 3 * * *",
+                           "timezone=Europe/Berlin", "overrides=[experiment=tiny,merge.method=ties]"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dep = httpx.get(f"{url}/deployments/name/branchmerge/nightly-test", timeout=10).json()
+    assert dep["parameters"] == {"overrides": ["experiment=tiny", "merge.method=ties"]}
+    (schedule,) = dep["schedules"]
+    assert schedule["schedule"]["cron"] == "30 3 * * *"
+    assert schedule["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedule["active"] is True
+    # The UI form: the flow's parameters are typed by the pydantic schema.
+    schema = dep["parameter_openapi_schema"]
+    assert "config" in schema["properties"] and "PipelineConfig" in json.dumps(schema)
+
+    bad = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "cron=not a cron"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert bad.returncode != 0 and "deploy.cron='not a cron'" in bad.stderr
