@@ -138,14 +138,18 @@ def run_stages(cfg: PipelineConfig, tracker: Tracker, stages: Stages) -> tuple[A
     def fresh(stage: str) -> bool:
         return stage in refresh
 
+    # Data: prompt pools per domain, shots, clusters and weights.
+    mix_job = mix.plan(cfg.data.model_dump(), store, fresh("mix"))
+    if not Store(store).is_valid(mix_job.stage, mix_job.key):
+        # Expensive work lies ahead: a merge config that cannot run must fail now, not after training.
+        merge.check(cfg.merge.model_dump(), list(cfg.data.domains))
+
     # Models: the student's base folder and the teacher's (one artifact if they are the same model).
     base_job = model.plan(cfg.student.model_dump(), store, fresh("model"))
     teacher_model_job = model.plan(cfg.teacher.model.model_dump(), store, fresh("model"))
     stages.submit(base_job, "tasks.model")
     stages.submit(teacher_model_job, "tasks.model")
-
-    # Data: prompt pools per domain, shots, clusters and weights.
-    mix_ref = stages.run(mix.plan(cfg.data.model_dump(), store, fresh("mix")), "tasks.mix")
+    mix_ref = stages.run(mix_job, "tasks.mix")
     base_ref, teacher_model_ref = stages.result(base_job), stages.result(teacher_model_job)
 
     # Teacher: sample, verify, keep.

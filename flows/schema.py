@@ -14,7 +14,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 STAGES = ("model", "mix", "teacher", "sft", "merge", "rl", "eval", "report")
 # Names of the merge registry (models/merge.py); checked against it in tests, kept here so validating a
 # config never imports torch.
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+MERGE_METHODS = ("breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear", "linear",
+                 "model_stock", "nearswap", "passthrough", "sce", "slerp", "task_arithmetic", "ties")
 
 
 class Strict(BaseModel):
