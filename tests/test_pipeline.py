@@ -85,7 +85,8 @@ def test_merge_method_change_reruns_only_downstream(store, first):
     ties = run(store, "merge=ties")
     st = statuses(ties)
     recomputed = {s for s, v in st.items() if v == "computed"}
-    assert recomputed == {"merge", "rl", "eval/merged", "eval/rl", "report"}
+    # The report is recomputed only if an eval's content changed (its key hashes the evals' digests).
+    assert {"merge", "rl", "eval/merged", "eval/rl"} <= recomputed <= {"merge", "rl", "eval/merged", "eval/rl", "report"}
     assert ties["stages"]["sft/counting"]["digest"] == first["stages"]["sft/counting"]["digest"]
 
 
