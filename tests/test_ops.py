@@ -27,8 +27,8 @@ def summaries(store: Path) -> list[dict]:
 
 def test_hydra_multirun_sweep_shares_upstream(tmp_path):
     store = tmp_path / "store"
-    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", "merge.method=linear,ties", "-m",
-                           f"hydra.sweep.dir={tmp_path}/multirun"],
+    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", "merge.method=linear,ties",
+                           f"hydra.sweep.dir={tmp_path}/multirun", "-m"],
                           cwd=ROOT, env=env_with(BRANCHMERGE_STORE=store), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,7 +117,7 @@ def test_deployment_registers_nightly_schedule(prefect_server):
     url, env = prefect_server
     env = env | {"PREFECT_API_URL": url}
     proc = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "name=nightly-test", "cron=30 3 * * *",
-                           "timezone=Europe/Berlin", "overrides=[experiment=tiny,merge.method=ties]"],
+                           "timezone=Europe/Berlin", "overrides=['experiment=tiny','merge.method=ties']"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dep = httpx.get(f"{url}/deployments/name/branchmerge/nightly-test", timeout=10).json()
