@@ -47,7 +47,7 @@ def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | Non
 
 
 @task(cache_key_fn=artifact_cache_key, persist_result=True, cache_result_in_memory=False)
-def run_stage(job: Job, module: str, mlflow_run_id: str | None = None, tracking_uri: str | None = None
+def run_stage(job: Job, module: str, mlflow_run: Future | None = None, tracking_uri: str | None = None
               ) -> ArtifactRef:
     """One stage as one Prefect task run; `module` names the tasks/ module whose `build` does the work."""
     build = importlib.import_module(module).build
@@ -56,10 +56,10 @@ def run_stage(job: Job, module: str, mlflow_run_id: str | None = None, tracking_
 
     def build_with_logger(job: Job, out: Path) -> dict[str, Any]:
         logger = None
-        if mlflow_run_id:  # imported only when training really runs: lightning costs seconds to import
+        if mlflow_run is not None:  # imported only when training really runs: lightning costs seconds to import
             from lightning.pytorch.loggers import MLFlowLogger
 
-            logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run_id)
+            logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run.result())
         return build(job, out, logger=logger)
 
     return execute(job, build_with_logger)
@@ -71,15 +71,15 @@ class Stages:
     def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: ThreadPoolTaskRunner):
         self.cfg, self.tracker, self.runner = cfg, tracker, runner
         self.records: dict[str, dict[str, Any]] = {}
-        self.pending: dict[str, tuple[Future, str | None, float]] = {}
+        self.pending: dict[str, tuple[Any, Future | None, float]] = {}
 
     def submit(self, job: Job, module: str):
         if job.stage in self.pending:  # e.g. teacher model == student model: one artifact, one task run
             return self.pending[job.stage][0]
         run_id = self.tracker.stage_run(job.stage, job.config)
         future = self.runner.submit(run_stage.with_options(task_run_name=job.stage),
-                                    {"job": job, "module": module, "mlflow_run_id": run_id,
-                                     "tracking_uri": getattr(self.tracker, "uri", None)})
+                                    {"job": job, "module": module, "mlflow_run": run_id,
+                                     "tracking_uri": self.cfg.tracking.tracking_uri})
         self.pending[job.stage] = (future, run_id, time.perf_counter())
         return future
 

@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> float:
     from flows.tracking import preload
 
     if config.tracking.enabled:
-        preload()  # import MLflow while Prefect starts its server, not after
+        preload(config.tracking.tracking_uri, config.tracking.experiment)  # overlaps Prefect's start-up
 
     overrides = list(HydraConfig.get().overrides.task)
     result = branchmerge(config=config, overrides=overrides)

@@ -1,24 +1,40 @@
 """MLflow: one parent run per pipeline run, one nested run per stage and branch.
 
 Uses MlflowClient with explicit run ids (not the fluent, thread-local active run) because stages run in
-Prefect's worker threads. Training stages get a Lightning MLFlowLogger bound to their nested run.
+Prefect's worker threads. Every MLflow call goes through one background writer thread, in order: importing
+MLflow and opening its store costs seconds and each SQLite write tens of milliseconds, and none of that should
+sit on the pipeline's critical path (a fully cached rerun would otherwise spend more time logging than running).
+`finish` waits for the writer, so a returned run is completely logged.
 """
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tasks.store import ArtifactRef
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+_WRITERS: dict[tuple[str | None, str], tuple[ThreadPoolExecutor, Future]] = {}
 
-def preload() -> None:
-    """Import MLflow (~2-4 s) in a background thread so it overlaps with Prefect's server start-up."""
-    import importlib
-    import threading
 
-    threading.Thread(target=importlib.import_module, args=("mlflow.tracking",), daemon=True).start()
+def _connect(tracking_uri: str | None, experiment: str) -> tuple[Any, str, str]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, uri, exp.experiment_id if exp else client.create_experiment(experiment)
+
+
+def preload(tracking_uri: str | None, experiment: str) -> None:
+    """Start importing MLflow and opening its store now (e.g. while Prefect starts its server)."""
+    if (tracking_uri, experiment) not in _WRITERS:
+        writer = ThreadPoolExecutor(1, thread_name_prefix="mlflow")
+        _WRITERS[(tracking_uri, experiment)] = (writer, writer.submit(_connect, tracking_uri, experiment))
 
 
 def _flat(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -36,70 +52,83 @@ class Tracker:
     def __init__(self, enabled: bool, tracking_uri: str | None, experiment: str):
         self.enabled = enabled
         self.parent_id: str | None = None
-        if not enabled:
-            return
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        self.uri = tracking_uri
+        if enabled:
+            preload(tracking_uri, experiment)
+            self._writer, self._connection = _WRITERS[(tracking_uri, experiment)]
 
-        self.uri = tracking_uri or mlflow.get_tracking_uri()
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+    def _submit(self, fn, *args) -> Future:
+        def call():
+            client, self.uri, experiment_id = self._connection.result()
+            return fn(client, experiment_id, *args)
+
+        return self._writer.submit(call)
 
     def start(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> None:
         if not self.enabled:
             return
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.parent_id = run.info.run_id
-        self._params(self.parent_id, _flat("", config, {}))
 
-    def stage_run(self, name: str, config: dict[str, Any]) -> str | None:
+        def create(client, experiment_id):
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+            self.parent_id = run.info.run_id
+            _log(client, self.parent_id, params=_flat("", config, {}))
+
+        self._submit(create)
+
+    def stage_run(self, name: str, config: dict[str, Any]) -> Future | None:
+        """A nested run, created in the background: the Future gives its id (Lightning's logger needs it)."""
         if not self.enabled:
             return None
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": self.parent_id, "stage": name.split("/")[0]})
-        self._params(run.info.run_id, _flat("", config, {}))
-        return run.info.run_id
 
-    def lightning_logger(self, run_id: str | None):
-        if run_id is None:
-            return None
-        from lightning.pytorch.loggers import MLFlowLogger
+        def create(client, experiment_id):
+            run = client.create_run(experiment_id, run_name=name,
+                                    tags={"mlflow.parentRunId": self.parent_id, "stage": name.split("/")[0]})
+            _log(client, run.info.run_id, params=_flat("", config, {}))
+            return run.info.run_id
 
-        return MLFlowLogger(tracking_uri=self.uri, run_id=run_id)
+        return self._submit(create)
 
-    def finish_stage(self, run_id: str | None, ref: ArtifactRef) -> None:
-        if run_id is None:
+    def finish_stage(self, run: Future | None, ref: ArtifactRef) -> None:
+        if run is None:
             return
-        for k, v in {"status": ref.status, "key": ref.key, "digest": ref.digest, "path": ref.path}.items():
-            self.client.set_tag(run_id, k, v)
         metrics = {k: float(v) for k, v in _flat("", ref.meta, {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["seconds"] = ref.seconds
-        self._metrics(run_id, metrics)
-        self.client.set_terminated(run_id)
+        tags = {"status": ref.status, "key": ref.key, "digest": ref.digest, "path": ref.path}
+
+        def close(client, experiment_id):
+            run_id = run.result()
+            _log(client, run_id, metrics=metrics, tags=tags)
+            client.set_terminated(run_id)
+
+        self._submit(close)
 
     def finish(self, metrics: dict[str, float], artifacts: list[str], status: str = "FINISHED") -> None:
-        if not self.enabled or self.parent_id is None:
+        if not self.enabled:
             return
-        self._metrics(self.parent_id, metrics)
-        for path in artifacts:
-            self.client.log_artifact(self.parent_id, path)
-        self.client.set_terminated(self.parent_id, status=status)
 
-    def _params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        def close(client, experiment_id):
+            if self.parent_id is None:
+                return
+            _log(client, self.parent_id, metrics=metrics)
+            for path in artifacts:
+                client.log_artifact(self.parent_id, path)
+            client.set_terminated(self.parent_id, status=status)
 
-        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        self._submit(close).result()
 
-    def _metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        import time
 
-        from mlflow.entities import Metric
+def _log(client, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+         tags: dict[str, str] | None = None) -> None:
+    """One log_batch per 100 entries (MLflow's batch limit) instead of one call per value."""
+    from mlflow.entities import Metric, Param, RunTag
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k.replace("@", "_at_")[:250], v, ts, 0) for k, v in metrics.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, metrics=items[i:i + 100])
+    ts = int(time.time() * 1000)
+    items = [Param(k[:250], str(v)[:6000]) for k, v in (params or {}).items()]
+    items += [Metric(k.replace("@", "_at_")[:250], v, ts, 0) for k, v in (metrics or {}).items()]
+    items += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, len(items), 100):
+        chunk = items[i:i + 100]
+        client.log_batch(run_id, params=[x for x in chunk if isinstance(x, Param)],
+                         metrics=[x for x in chunk if isinstance(x, Metric)],
+                         tags=[x for x in chunk if isinstance(x, RunTag)])
