@@ -114,3 +114,16 @@ def test_mlflow_parent_and_nested_runs(first):
     sft_run = next(c for c in children if c.info.run_name == "sft/counting")
     assert "train/loss" in sft_run.data.metrics  # Lightning logged through MLflow
     assert parent.data.metrics["pass_at_1.merged"] == pytest.approx(first["overall"]["merged"])
+
+
+def test_results_notebook_reads_mlflow(first, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "by_run.png"
+    proc = subprocess.run([sys.executable, "notebooks/results.py", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = f"{first['overall']['merged']:.6f}"[:4]
+    assert "linear" in proc.stdout and merged in proc.stdout
+    assert out.read_bytes()[:4] == b"\x89PNG"
