@@ -27,7 +27,7 @@ rows = [{"run": r.info.run_name, "merge.method": r.data.params.get("merge.method
          **{k.removeprefix("pass_at_1."): v for k, v in r.data.metrics.items() if k.startswith("pass_at_1.")}}
         for r in parents]
 table = pd.DataFrame(rows)
-print(table.to_string(index=False))
+print(table.to_string(index=False, float_format="{:.3f}".format))
 
 # %%
 by_method = table.groupby("merge.method")[[c for c in ("base", "merged", "rl") if c in table]].mean()

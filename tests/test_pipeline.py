@@ -124,6 +124,16 @@ def test_results_notebook_reads_mlflow(first, tmp_path):
     proc = subprocess.run([sys.executable, "notebooks/results.py", "--out", str(out)],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    merged = f"{first['overall']['merged']:.6f}"[:4]
-    assert "linear" in proc.stdout and merged in proc.stdout
+    header, *rows = proc.stdout.splitlines()[:-1]
+    columns = header.split()
+    values = dict(zip(columns, rows[0].split()))
+    assert values["merge.method"] == "linear"
+    for name in ("base", "merged", "rl"):
+        assert float(values[name]) == pytest.approx(first["overall"][name], abs=5e-4)
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unrunnable_merge_fails_before_any_compute(tmp_path):
+    with pytest.raises(ValueError, match=r"merge.method='slerp'.*exactly 2"):
+        run(tmp_path, "merge.method=slerp", "+merge.parameters.t=0.5")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "mix").exists()
