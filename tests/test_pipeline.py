@@ -34,7 +34,7 @@ def first(store):
 
 def test_end_to_end_computes_every_stage(first):
     st = statuses(first)
-    domains = ["arithmetic", "counting", "sorting"]
+    domains = ["decimals", "gcd", "lcm"]
     expected = {"model/tiny-llama", "mix", "teacher", *(f"sft/{d}" for d in domains), "merge", "rl",
                 "eval/base", *(f"eval/branch/{d}" for d in domains), "eval/merged", "eval/rl", "report"}
     assert set(st) == expected
@@ -68,7 +68,7 @@ def test_eval_accuracy_equals_rescoring_generations(first):
 def test_merged_model_equals_linear_formula(first):
     st = first["stages"]
     branches = [load_file(Path(st[f"sft/{d}"]["path"]) / "model.safetensors")
-                for d in ("arithmetic", "counting", "sorting")]
+                for d in ("decimals", "gcd", "lcm")]
     merged = load_file(Path(st["merge"]["path"]) / "model.safetensors")
     for name, tensor in merged.items():
         expected = sum(b[name] for b in branches) / 3
@@ -87,20 +87,20 @@ def test_merge_method_change_reruns_only_downstream(store, first):
     recomputed = {s for s, v in st.items() if v == "computed"}
     # The report is recomputed only if an eval's content changed (its key hashes the evals' digests).
     assert {"merge", "rl", "eval/merged", "eval/rl"} <= recomputed <= {"merge", "rl", "eval/merged", "eval/rl", "report"}
-    assert ties["stages"]["sft/counting"]["digest"] == first["stages"]["sft/counting"]["digest"]
+    assert ties["stages"]["sft/gcd"]["digest"] == first["stages"]["sft/gcd"]["digest"]
 
 
 def test_corrupt_artifact_is_rebuilt(store, first):
-    weights = Path(first["stages"]["sft/sorting"]["path"]) / "model.safetensors"
+    weights = Path(first["stages"]["sft/lcm"]["path"]) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     healed = run(store)
     st = statuses(healed)
-    assert st["sft/sorting"] == "computed"
+    assert st["sft/lcm"] == "computed"
     # Training is deterministic, so the rebuilt branch has the same digest and everything downstream is reused.
-    assert healed["stages"]["sft/sorting"]["digest"] == first["stages"]["sft/sorting"]["digest"]
-    assert st["merge"] == "reused" and st["sft/counting"] == "reused"
+    assert healed["stages"]["sft/lcm"]["digest"] == first["stages"]["sft/lcm"]["digest"]
+    assert st["merge"] == "reused" and st["sft/gcd"] == "reused"
 
 
 def test_mlflow_parent_and_nested_runs(first):
@@ -111,7 +111,7 @@ def test_mlflow_parent_and_nested_runs(first):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.info.run_name for c in children} == set(first["stages"])
-    sft_run = next(c for c in children if c.info.run_name == "sft/counting")
+    sft_run = next(c for c in children if c.info.run_name == "sft/gcd")
     assert "train/loss" in sft_run.data.metrics  # Lightning logged through MLflow
     assert parent.data.metrics["pass_at_1.merged"] == pytest.approx(first["overall"]["merged"])
 
