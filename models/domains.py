@@ -169,7 +169,7 @@ def worked_response(task: str, entry: dict) -> str:
 
 
 def make_shots(tasks: list[dict], k: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
-    """k worked examples per task, {"task", "question", "answer", "response"}, drawn with a seed
+    """k worked examples per task, {"task", "question", "answer", "response", "entry"}, drawn with a seed
     stream disjoint from build_items' ("shots" vs "pool"); pass the pool's questions as `exclude`
     to also rule out a shot repeating a pool question in small problem spaces."""
     shots = []
@@ -178,7 +178,7 @@ def make_shots(tasks: list[dict], k: int, seed: int, exclude: frozenset[str] | s
         for e in task_entries(task, k, stable_int("shots", seed, task["name"]), seen):
             e = json_safe(e)
             shots.append({"task": task["name"], "question": e["question"], "answer": str(e["answer"]),
-                          "response": worked_response(task["name"], e)})
+                          "response": worked_response(task["name"], e), "entry": e})
     return shots
 
 

@@ -3,12 +3,13 @@
 generate() returns, for each conversation, n completions {"text", "num_tokens", "finished"}.
 
 Why it is shaped this way (a small decode loop of our own instead of model.generate):
-- Prompts dominate the cost here (few-shot prompts of ~150 tokens, answers of ~20-60), so each
-  prompt is prefilled once and its KV cache repeated for the n samples (generate() would prefill
-  every sample), and only the last position's logits are computed during prefill.
-- Prompts are sorted by length and cut into batches, so left padding wastes little; batch_size
-  counts decoded rows (prompts per batch = batch_size // n, at least 1); outputs come back in input
-  order.
+- Prompts dominate the cost here (few-shot prompts of ~170 tokens, answers of ~20-60), so the
+  prefix a batch's prompts share (system prompt + instruction + shot turns) is read once, each
+  prompt is read once and its KV cache repeated for its n samples (generate() would read every
+  sample's whole prompt), and prefill computes only the last position's logits.
+- Prompts are sorted lexicographically by token ids (same task/shots side by side, then similar
+  questions) and cut into batches; batch_size counts decoded rows (prompts per batch =
+  batch_size // n, at least 1); outputs come back in input order.
 - Rows that hit a stop token (EOS or the chat terminator <|im_end|>) are dropped from the batch at
   once, and the batch ends when none is left.
 - temperature == 0 means greedy: the n completions would be identical, so each prompt is decoded
@@ -69,16 +70,42 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int):
+    """(last logits, cache, attention mask, positions) after reading the prompts.
+
+    The prefix every prompt shares (system prompt, instruction, few-shot turns: most of the prompt)
+    is read once and its cache repeated; the rest is left-padded after it: [prefix][pad..][suffix].
+    Positions count only real tokens, so each row sees exactly what it would see alone."""
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    shared = shared_prefix_len(prompts) if len(prompts) > 1 else 0
+    if shared:
+        prefix = torch.tensor([prompts[0][:shared]], device=device)
+        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    ids, mask = (t.to(device) for t in left_padded([p[shared:] for p in prompts], pad_id))
+    mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding takes no position
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, mask, pos
+
+
 def decode_batch(model, prompts: list[list[int]], samples: int, temperature: float, top_p: float,
                  max_new_tokens: int, stops: list[int], pad_id: int, gen: torch.Generator) -> list[list[int]]:
     """New token ids for each (prompt, sample) row, prompt-major; rows end at their stop token."""
     device = next(model.parameters()).device
-    ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    logits, cache = out.logits[:, -1], out.past_key_values
+    logits, cache, mask, pos = prefill(model, prompts, pad_id)
     if samples > 1:  # one prefill per prompt, shared by its samples
         cache.batch_repeat_interleave(samples)
         logits, mask, pos = (t.repeat_interleave(samples, dim=0) for t in (logits, mask, pos))
@@ -113,7 +140,9 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, n: int, tempe
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     prompts = prompt_ids(tokenizer, conversations)
     samples = 1 if temperature == 0 else n
-    order = sorted(range(len(prompts)), key=lambda p: (len(prompts[p]), p))
+    # lexicographic order puts prompts with the same few-shot prefix (same task) side by side, so a
+    # batch shares a long prefix and its questions, of similar length, need little padding
+    order = sorted(range(len(prompts)), key=lambda p: (prompts[p], p))
     per_batch = max(1, batch_size // samples)
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
     stops = stop_token_ids(tokenizer)

