@@ -6,6 +6,7 @@ so caching behaves the same whoever runs a stage.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -48,6 +49,9 @@ def execute(job: Job, build: Callable[[Job, Path], dict[str, Any]]) -> ArtifactR
     meta: dict[str, Any] = {}
     with store.writer(job.stage, job.key, meta) as tmp:
         meta.update(build(job, tmp))
+    # Trainers, models and optimizer states sit in reference cycles (Lightning): free them before the next
+    # stage loads its model, or a long run holds every stage's memory at once.
+    gc.collect()
     ref = store.sealed_ref(job.stage, job.key, time.perf_counter() - t0)
     log.info("%s: computed in %.1f s -> %s", job.stage, ref.seconds, ref.path)
     return ref
