@@ -171,11 +171,15 @@ def worked_response(task: str, entry: dict) -> str:
 def make_shots(tasks: list[dict], k: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
     """k worked examples per task, {"task", "question", "answer", "response", "entry"}, drawn with a seed
     stream disjoint from build_items' ("shots" vs "pool"); pass the pool's questions as `exclude`
-    to also rule out a shot repeating a pool question in small problem spaces."""
+    to also rule out a shot repeating a pool question in small problem spaces (when that leaves
+    fewer than k, the rest are drawn ignoring `exclude`)."""
     shots = []
     for task in tasks:
-        seen = set(exclude)
-        for e in task_entries(task, k, stable_int("shots", seed, task["name"]), seen):
+        shot_seed = stable_int("shots", seed, task["name"])
+        entries = list(task_entries(task, k, shot_seed, set(exclude)))
+        if len(entries) < k:  # the pool took the whole problem space: a repeated question beats no example
+            entries += list(task_entries(task, k - len(entries), shot_seed, {e["question"] for e in entries}))
+        for e in entries:
             e = json_safe(e)
             shots.append({"task": task["name"], "question": e["question"], "answer": str(e["answer"]),
                           "response": worked_response(task["name"], e), "entry": e})

@@ -96,6 +96,14 @@ def test_shots_and_messages(items):
     assert all(it["task"] == s["task"] for s in shots if s["response"] in [m["content"] for m in msgs])
 
 
+def test_shots_fall_back_when_the_pool_took_every_question():
+    tiny_space = [{"name": "coin_flip", "weight": 1, "config": {"min_trials": 1, "max_trials": 1}}]
+    pool = build_items("c", tiny_space, 10, 0)
+    assert len(pool) == 4  # exactly/at least x 0/1 heads: the whole space
+    shots = make_shots(tiny_space, 1, 0, exclude={it["question"] for it in pool})
+    assert len(shots) == 1
+
+
 def test_bad_task_is_named():
     with pytest.raises(ValueError, match="no_such_task"):
         build_items("d", [{"name": "no_such_task", "weight": 1, "config": {}}], 2, 0)
