@@ -111,7 +111,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen"], choices=sorted(SOURCES))
     ap.add_argument("--modes", nargs="+", default=["sample", "greedy"], choices=["sample", "greedy"])
-    ap.add_argument("--candidates", nargs="+", default=["all"])
+    ap.add_argument("--candidates", nargs="*", default=["all"], help="names from CANDIDATES, all, or none")
     ap.add_argument("--domain", action="append", default=[],
                     help='extra candidate as JSON: {"name": ..., "tasks": [{name, weight, config}, ...]}')
     ap.add_argument("--prompts", type=int, default=24)

@@ -31,7 +31,7 @@ from flows.tracking import Tracker  # noqa: E402
 from tasks import eval as eval_stage  # noqa: E402
 from tasks import merge, mix, model, report, rl, sft, teacher  # noqa: E402
 from tasks.common import Job, execute, write_json  # noqa: E402
-from tasks.store import ArtifactRef, Store  # noqa: E402
+from tasks.store import ArtifactRef, Store, stable_hash  # noqa: E402
 
 log = logging.getLogger("branchmerge")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
@@ -41,9 +41,12 @@ def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | Non
     """Prefect's cache key is the artifact key, but only while the artifact is intact: a missing or corrupt
     artifact yields no key, so the task runs and rebuilds it instead of returning a stale reference."""
     job: Job = inputs["job"]
-    if job.refresh or not Store(job.store).is_valid(job.stage, job.key):
+    store = Store(job.store)
+    if job.refresh or not store.is_valid(job.stage, job.key):
         return None
-    return f"{job.stage.replace('/', '-')}-{job.key}"
+    # Prefect's result records are shared by every store under one PREFECT_HOME: the same artifact key in
+    # another store (a sweep's, a test's) must not answer for this one.
+    return f"{job.stage.replace('/', '-')}-{job.key}-{stable_hash(str(store.root))[:12]}"
 
 
 @task(cache_key_fn=artifact_cache_key, persist_result=True, cache_result_in_memory=False)

@@ -138,7 +138,7 @@ def worked_reasoning(task: str, entry: dict) -> str:
         terms = [f"{n} {a} x {ANIMALS[a]} = {n * ANIMALS[a]}" for a, n in m["animals"].items()]
         return "; ".join(terms) + f". Total: {ans}."
     if task == "gcd" and len(m.get("numbers", [])) == 2:
-        a, b = m["numbers"]
+        a, b = sorted(m["numbers"], reverse=True)  # larger first: no wasted "a mod b = a" step
         steps = []
         while b:
             steps.append(f"{a} mod {b} = {a % b}")
