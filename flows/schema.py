@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 STAGES = ("model", "mix", "teacher", "sft", "merge", "rl", "eval", "report")
 # Names of the merge registry (models/merge.py); checked against it in tests, kept here so validating a
 # config never imports torch.
-MERGE_METHODS = ("breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear", "linear",
-                 "model_stock", "nearswap", "passthrough", "sce", "slerp", "task_arithmetic", "ties")
+MERGE_METHODS = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+                 "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "sce", "slerp",
+                 "task_arithmetic", "ties")
 
 
 class Strict(BaseModel):
@@ -136,17 +137,27 @@ class SFTConfig(Strict):
 
 
 class MergeConfig(Strict):
-    method: str
+    # Either one method over every branch (method + parameters, dtype, out_dtype) or a mergekit recipe file
+    # (recipe: one mergekit YAML or a multi-step mergekit-multimerge file; its documents carry their own dtypes).
+    method: str | None
     parameters: dict[str, Any]
     dtype: Dtype
     out_dtype: Dtype
+    recipe: str | None
 
     @field_validator("method")
     @classmethod
-    def _registered(cls, method: str) -> str:
-        if method not in MERGE_METHODS:
+    def _registered(cls, method: str | None) -> str | None:
+        if method is not None and method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {method!r}; allowed: {', '.join(MERGE_METHODS)}")
         return method
+
+    @model_validator(mode="after")
+    def _one_of_method_or_recipe(self) -> "MergeConfig":
+        if (self.method is None) == (self.recipe is None):
+            raise ValueError(f"set exactly one of merge.method (got {self.method!r}) and merge.recipe "
+                             f"(got {self.recipe!r}): a recipe file replaces method and parameters")
+        return self
 
 
 class RLConfig(Strict):

@@ -90,6 +90,20 @@ def test_merge_method_change_reruns_only_downstream(store, first):
     assert ties["stages"]["sft/gcd"]["digest"] == first["stages"]["sft/gcd"]["digest"]
 
 
+def test_recipe_merge_reuses_branches_and_equals_the_recipe_run_by_hand(store, first, tmp_path):
+    from models.merge import load_recipe, run_recipe
+
+    fused = run(store, "merge=recipe")  # conf/merge/recipes/tinyr1.yml: two arcee_fusion steps
+    st = statuses(fused)
+    assert st["merge"] == "computed" and all(st[f"sft/{d}"] == "reused" for d in ("arithmetic", "gcd", "lcm"))
+    branches = {d: first["stages"][f"sft/{d}"]["path"] for d in ("arithmetic", "gcd", "lcm")}
+    run_recipe(load_recipe(Path(__file__).resolve().parent.parent / "conf/merge/recipes/tinyr1.yml"),
+               tmp_path / "by_hand", seed=0, aliases={"base": first["stages"]["model/tiny-llama"]["path"], **branches})
+    ours = load_file(Path(fused["stages"]["merge"]["path"]) / "model.safetensors")
+    by_hand = load_file(tmp_path / "by_hand" / "model.safetensors")
+    assert set(ours) == set(by_hand) and all(torch.equal(ours[k], by_hand[k]) for k in ours)
+
+
 def test_corrupt_artifact_is_rebuilt(store, first):
     weights = Path(first["stages"]["sft/lcm"]["path"]) / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -131,6 +145,16 @@ def test_results_notebook_reads_mlflow(first, tmp_path):
     for name in ("base", "merged", "rl"):
         assert float(values[name]) == pytest.approx(first["overall"][name], abs=5e-4)
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_recipe_fails_before_any_compute(tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: linear\nmodels: [arithmetic, org/hub-model]\n")
+    with pytest.raises(ValueError, match=r"models\[1\]\.model: 'org/hub-model' is not an earlier step"):
+        run(tmp_path, "merge=recipe", f"merge.recipe={recipe}")
+    with pytest.raises(ValueError, match=r"set exactly one of merge.method"):
+        run(tmp_path, "merge=linear", f"merge.recipe={recipe}")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "mix").exists()
 
 
 def test_unrunnable_merge_fails_before_any_compute(tmp_path):

@@ -3,12 +3,14 @@
 Importing the package registers every method (each family module registers its own).
 """
 
-from . import geometric, linear, sce, task_arithmetic  # noqa: F401  (registration side effects)
+from . import arcee_fusion, geometric, linear, sce, spherical, task_arithmetic  # noqa: F401  (registers methods)
 from .registry import METHODS, MergeConfigError, MergeMethod, Params, get_method, method_names, register
+from .recipe import load_recipe, plan_recipe, run_recipe
 from .run import MergeSpec, plan, run_merge, validate_config
 from .values import layer_t, resolve, tensor_generator
 
 __all__ = [
     "METHODS", "MergeConfigError", "MergeMethod", "MergeSpec", "Params", "get_method", "layer_t", "method_names",
-    "plan", "register", "resolve", "run_merge", "tensor_generator", "validate_config",
+    "load_recipe", "plan", "plan_recipe", "register", "resolve", "run_merge", "run_recipe", "tensor_generator",
+    "validate_config",
 ]

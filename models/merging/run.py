@@ -11,8 +11,10 @@ Three phases, so a bad config costs nothing:
    folder that is renamed into place at the end.
 """
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +30,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, ShardWriter
+from .global_trim import kept_counts
 from .registry import (
     MergeConfigError, MergeMethod, Params, describe, get_method, parameter_names, required_names, validate_value,
 )
@@ -36,6 +39,13 @@ from .values import check_setting, layer_index, layer_t, resolve, tensor_generat
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+# mergekit keys we know and refuse, with what to do instead (a silent ignore would merge something else).
+MERGEKIT_UNSUPPORTED = {
+    "slices": "list whole models under `models`; layer slicing is not implemented",
+    "modules": "per-module merges are not implemented; use one config per model",
+    "tokenizer": "tokenizer surgery is not implemented; use tokenizer_source: base or a model folder",
+    "chat_template": "the tokenizer source's chat template is copied as it is",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
@@ -124,13 +134,13 @@ def validate_config(config: Mapping) -> MergeSpec:
     config = _plain(config)
     if not isinstance(config, dict):
         raise MergeConfigError(f"a merge config is a mapping with keys {', '.join(CONFIG_KEYS)}; got {config!r}")
+    unsupported = [k for k in config if k in MERGEKIT_UNSUPPORTED]
+    if unsupported:
+        raise MergeConfigError("; ".join(f"{k}: mergekit's {k!r} is not supported ({MERGEKIT_UNSUPPORTED[k]})"
+                                         for k in unsupported))
     unknown = [k for k in config if k not in CONFIG_KEYS]
     if unknown:
-        hint = " (slices/modules are not supported: list whole models under `models`)" if {
-            "slices", "modules"} & set(unknown) else ""
-        raise MergeConfigError(
-            f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(CONFIG_KEYS)}{hint}"
-        )
+        raise MergeConfigError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(CONFIG_KEYS)}")
     if "merge_method" not in config:
         raise MergeConfigError("merge_method: missing")
     method = get_method(str(config["merge_method"]))
@@ -260,7 +270,10 @@ def plan(spec: MergeSpec, ckpts: list[Checkpoint]) -> list[TensorJob]:
         shapes = [ck.shape(src) for ck, src in zip(ckpts, sources)]
         if len(set(shapes)) > 1:
             listing = ", ".join(f"{p}: {list(s)}" for p, s in zip(spec.inputs, shapes))
-            raise ValueError(f"tensor {name} has different shapes across models: {listing}")
+            hint = ("; the vocabularies differ: merge models that share one tokenizer (mergekit's "
+                    "tokenizer_source: union, which resizes embeddings, is not supported)"
+                    if name.endswith(("embed_tokens.weight", "lm_head.weight")) else "")
+            raise ValueError(f"tensor {name} has different shapes across models: {listing}{hint}")
         ref_dtype = ref.dtype(sources[spec.reference])
         out_dtype = spec.out_dtype or ref_dtype
         if not ref_dtype.is_floating_point:  # e.g. integer buffers: nothing to average
@@ -285,6 +298,34 @@ def plan(spec: MergeSpec, ckpts: list[Checkpoint]) -> list[TensorJob]:
     return jobs
 
 
+def _model_scope_trim(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJob]) -> list[TensorJob]:
+    """`trim_scope: model` (the TIES paper): each model's density over the whole model becomes a per-tensor
+    density that keeps exactly the entries that rank in the model's top fraction (global_trim.py)."""
+    scoped = [j for j in jobs if j.params is not None and getattr(j.params, "trim_scope", "tensor") == "model"]
+    if not scoped:
+        return jobs
+    if len(scoped) != sum(j.params is not None for j in jobs):
+        raise MergeConfigError("parameters.trim_scope: 'model' must hold for every tensor (no filters or gradients)")
+    inputs = [i for i in range(len(ckpts)) if spec.has_model_params(i)]
+    names = {job.name for job in scoped}
+    densities: dict[tuple[str, int], float] = {}
+    for j, i in enumerate(inputs):
+        given = sorted({job.models[j].density for job in scoped})
+        if len(given) > 1:
+            raise MergeConfigError(f"{spec.where[i]}.parameters.density: trim_scope: model ranks the whole model "
+                                   f"with one density; got {given} across tensors")
+        if given[0] >= 1:
+            continue
+        sources = [(job.name, job.sources[i], job.sources[spec.base]) for job in scoped]
+        for job, (name, count) in zip(scoped, kept_counts(ckpts[i], ckpts[spec.base], sources, given[0]).items()):
+            numel = math.prod(ckpts[i].shape(job.sources[i]))
+            # +0.5: the per-tensor trim keeps int(density * numel) entries, which must come out as `count`
+            densities[(name, j)] = (count + 0.5) / numel if count else 0.0
+    return [dataclasses.replace(job, models=[m.model_copy(update={"density": densities[(job.name, j)]})
+                                              if (job.name, j) in densities else m for j, m in enumerate(job.models)])
+            if job.name in names else job for job in jobs]
+
+
 def _output_config(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJob]) -> dict:
     config = dict(ckpts[spec.reference].config)
     if spec.out_dtype is not None:
@@ -304,12 +345,13 @@ def _output_config(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJo
 
 def run_merge(
     config: Mapping, out_dir: str | os.PathLike, *, seed: int, max_shard_size: int = MAX_SHARD_SIZE,
-    overwrite: bool = False,
+    overwrite: bool = False, record: dict | None = None,
 ) -> dict:
     """Merge the models of a mergekit-style config into the HF folder `out_dir` (written atomically).
 
     `seed` drives DARE / DELLA masks: each tensor draws from a generator derived from (seed, tensor
-    name). Returns {method, n_tensors, n_shards, seconds}.
+    name). `record` replaces what merge_config.json records (default: the config and seed).
+    Returns {method, n_tensors, n_shards, seconds}.
     """
     start = time.perf_counter()
     spec = validate_config(config)
@@ -319,7 +361,7 @@ def run_merge(
     ckpts = [Checkpoint(p) for p in spec.inputs]
     if not Path(spec.tokenizer_source).is_dir():
         raise MergeConfigError(f"tokenizer_source: {spec.tokenizer_source!r} is not a folder")
-    jobs = plan(spec, ckpts)
+    jobs = _model_scope_trim(spec, ckpts, plan(spec, ckpts))
     log.info("merge %s: %d tensors from %d models", spec.method.name, len(jobs), len(ckpts))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +377,7 @@ def run_merge(
             for file in names:
                 if (src / file).exists():
                     shutil.copy(src / file, tmp / file)
-        record = {"config": _plain(config), "seed": seed}
+        record = record if record is not None else {"config": _plain(config), "seed": seed}
         (tmp / "merge_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         _move_into_place(tmp, out_dir)
     except BaseException:

@@ -45,8 +45,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = None) -> t
     """TIES trim: keep the k = max(1, int(density * numel)) largest |delta| of this tensor."""
     if density >= 1:
         return delta
-    if delta.numel() == 0:
-        return delta.clone()
+    if delta.numel() == 0 or density <= 0:  # density 0 only from a whole-model trim (trim_scope: model)
+        return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     # mergekit's argsort, not topk / a kthvalue threshold (~6x faster): deltas of bf16 weights have many

@@ -15,6 +15,8 @@ from typing import Annotated, Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
+from kernels.merge import sign_elect_disjoint_mean
+
 from . import sparsify as sp
 from .registry import MergeMethod, Params, register
 
@@ -55,6 +57,9 @@ class TaskArithmeticParams(Params):
 
 class TiesParams(TaskArithmeticParams):
     normalize: bool = True
+    # "tensor": mergekit's trim (each tensor keeps `density` of its entries); "model": the TIES paper's
+    # (each model keeps its top `density` over all its parameters; run_merge ranks them, global_trim.py).
+    trim_scope: Literal["tensor", "model"] = "tensor"
 
 
 class DareParams(TaskArithmeticParams):
@@ -105,24 +110,10 @@ def generalized_task_arithmetic(
     deltas = torch.stack([
         sparsifier(t - base, m, p, generator) if sparsifier else t - base for t, m in zip(tensors, models)
     ])
-    weights = torch.tensor([m.weight for m in models], dtype=deltas.dtype, device=deltas.device)
-    weights = weights.view(-1, *[1] * base.dim())
-    deltas *= weights
-    if consensus:
-        majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-        mask = deltas.sign() == majority  # sign 0 never equals +-1: dropped entries do not vote
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if p.normalize:
-        mixed /= divisor
-    if p.lambda_ != 1:
-        mixed *= p.lambda_
-    return base + mixed
+    # Steps 2-5 in one call: a fused Triton kernel on CUDA, elsewhere the PyTorch reference (the same ops,
+    # weighting the stack in place). kernels/merge.py; BRANCHMERGE_KERNELS=reference|triton forces one.
+    return sign_elect_disjoint_mean(base, deltas, [m.weight for m in models], consensus=consensus,
+                                    normalize=p.normalize, lambda_=p.lambda_, overwrite_deltas=True)
 
 
 #       name               sparsifier           consensus  global params          per-model params     reference
