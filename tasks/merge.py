@@ -57,7 +57,7 @@ def mergekit_config(merge: dict[str, Any], base: str, branches: list[str]) -> di
     method = get_method(merge["method"])
     per_model = {k: v for k, v in merge["parameters"].items() if k in method.model_names()}
     return {"merge_method": merge["method"],
-            **({"base_model": base} if method.base == "required" else {}),
+            **({"base_model": base} if method.base != "ignored" else {}),
             "models": [{"model": path, "parameters": dict(per_model)} for path in branches],
             "parameters": {k: v for k, v in merge["parameters"].items() if k not in per_model},
             "dtype": merge["dtype"], "out_dtype": merge["out_dtype"], "tokenizer_source": base}

@@ -169,9 +169,10 @@ def test_registered_with_mergekit_names_parameters_and_defaults():
         assert name in METHODS
     nu = METHODS["nuslerp"]
     assert nu.params().nuslerp_flatten is True and nu.params().nuslerp_row_wise is False
-    assert nu.model_names() == ["weight"] and nu.base == "required"
+    assert nu.model_names() == ["weight"] and nu.base == "optional" and nu.models_besides_base == 2
     ms = METHODS["multislerp"]
     assert ms.params().normalize_weights is True and ms.params().eps == 1e-8 and ms.model_names() == ["weight"]
+    assert ms.base == "optional"
     ka = METHODS["karcher"]
     assert ka.params().max_iter == 10 and ka.params().tol == 1e-5 and ka.model_names() == [] and ka.base == "ignored"
     af = METHODS["arcee_fusion"]
@@ -428,10 +429,10 @@ W1 = {"weight": 1.0}
 
 
 @pytest.mark.parametrize("config,match", [
-    (cfg("nuslerp", [("a", W1)]), r"models: nuslerp takes exactly 3 input model\(s\) counting base_model; got 2"),
-    (cfg("nuslerp", [("a", W1), ("b", W1), ("c", W1)]), r"nuslerp takes exactly 3 .*got 4"),
-    (cfg("nuslerp", [("a", W1), ("base", None)]), r"nuslerp takes exactly 3 .*got 2"),  # base is one of the two
-    (cfg("nuslerp", [("a", W1), ("b", W1)], base=None), r"base_model: merge_method nuslerp needs a base model"),
+    (cfg("nuslerp", [("a", W1)]), r"models: nuslerp merges exactly 2 models besides the base; got 1"),
+    (cfg("nuslerp", [("a", W1), ("b", W1), ("c", W1)]), r"nuslerp takes 2 to 3 input model\(s\) counting .*got 4"),
+    (cfg("nuslerp", [("a", W1), ("base", None)]), r"nuslerp merges exactly 2 models besides the base; got 1"),
+    (cfg("nuslerp", [("a", W1), ("b", W1), ("c", W1)], base=None), r"exactly 2 models besides the base; got 3"),
     (cfg("nuslerp", [("a", W1), ("b", {})]), r"models\[1\]\.parameters\.weight: missing"),
     (cfg("nuslerp", [("a", W1), ("b", W1)], parameters={"nuslerp_flatten": "maybe"}),
      r"parameters\.nuslerp_flatten: Input should be a valid boolean"),
@@ -439,7 +440,7 @@ W1 = {"weight": 1.0}
      r"parameters: unknown parameter\(s\) 't' for nuslerp; allowed: weight, nuslerp_flatten, nuslerp_row_wise"),
     (cfg("multislerp", [("a", W1), ("b", {"weight": 1.0, "density": 0.5})]),
      r"models\[1\]\.parameters: unknown parameter\(s\) 'density' for multislerp; allowed: weight"),
-    (cfg("multislerp", [("a", W1)], base=None), r"base_model: merge_method multislerp needs a base model"),
+    (cfg("multislerp", [("a", W1)], base=None), r"models: multislerp takes at least 2 input model\(s\); got 1"),
     (cfg("karcher", [("a", None), ("b", None)], base=None, parameters={"max_iter": -1}),
      r"parameters\.max_iter: Input should be greater than or equal to 0"),
     (cfg("karcher", [("a", None)], base=None, parameters={"max_iters": 5}),
@@ -532,6 +533,19 @@ def test_run_merge_multislerp(folders, tmp_path):
     for name in NAMES:
         b = ws["base"][name]
         close(merged[name], b.double() + ref_multislerp([ws[k][name] - b for k in "abc"], W3))
+
+
+def test_run_merge_without_a_base_works_on_the_models(folders, tmp_path):
+    # mergekit's base is optional for nuslerp and multislerp: without one they interpolate the models themselves.
+    for method in ("nuslerp", "multislerp"):
+        config = {"merge_method": method, "models": [{"model": str(folders[k]), "parameters": {"weight": w}}
+                                                     for k, w in (("a", 1.0), ("b", 3.0))]}
+        merged, ws = run(folders, tmp_path, config)
+        for name in NAMES:
+            a, b = ws["a"][name], ws["b"][name]
+            expected = (ref_nuslerp(0.75, a, b, True, False) if method == "nuslerp"
+                        else ref_multislerp([a, b], [1.0, 3.0]))
+            close(merged[name], expected)
 
 
 def test_run_merge_karcher_counts_an_unlisted_base_as_an_input(folders, tmp_path):

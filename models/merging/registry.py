@@ -49,9 +49,11 @@ class MergeMethod:
     model_params: type[Params] = NoParams  # per input model
     # "required": the base is separated out and passed as `base`; "ignored": every input is in
     # `tensors` (mergekit still adds a base_model that is not listed under models as an input).
-    base: Literal["required", "ignored"] = "ignored"
+    # "optional" (nuslerp, multislerp): works on deltas from a base when one is given, on the models otherwise.
+    base: Literal["required", "optional", "ignored"] = "ignored"
     min_inputs: int = 1  # counting the base
     max_inputs: int | None = None
+    models_besides_base: int | None = None  # an exact count of non-base models (nuslerp: 2), base or not
     # Cross-model checks that a single model's schema cannot express (e.g. linear's weight sum);
     # run per tensor while planning, before any weight is read. Raise ValueError.
     check: Callable[[Any, list[Any]], None] | None = None

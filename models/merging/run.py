@@ -182,7 +182,7 @@ def validate_config(config: Mapping) -> MergeSpec:
     reference = base if base is not None else 0
     if method.base == "ignored":
         base = None
-    elif settings[base]:  # per-model parameters describe deltas from the base: the base has none
+    elif base is not None and settings[base]:  # per-model parameters describe deltas from the base: the base has none
         log.warning("%s.parameters %s: ignored, %s does not weight its base model", where[base],
                     sorted(settings[base]), method.name)
 
@@ -193,6 +193,9 @@ def validate_config(config: Mapping) -> MergeSpec:
                   else f"{method.min_inputs} to {method.max_inputs}")
         counted = " counting base_model" if base_model is not None else ""
         raise MergeConfigError(f"models: {method.name} takes {bounds} input model(s){counted}; got {n}")
+    if method.models_besides_base is not None and n - (base is not None) != method.models_besides_base:
+        raise MergeConfigError(f"models: {method.name} merges exactly {method.models_besides_base} models besides "
+                               f"the base; got {n - (base is not None)}")
 
     global_settings = _check_names(config.get("parameters"), "parameters", method, allow_global=True)
     for name in required_names(method.params):

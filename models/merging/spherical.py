@@ -195,11 +195,11 @@ def karcher(base, tensors, models, p: KarcherParams, generator) -> torch.Tensor:
 
 
 register(MergeMethod(
-    name="nuslerp", fn=nuslerp, params=NuslerpParams, model_params=NuslerpModel, base="required",
-    min_inputs=3, max_inputs=3, reference="github.com/arcee-ai/mergekit (merge_methods/nuslerp.py)",
+    name="nuslerp", fn=nuslerp, params=NuslerpParams, model_params=NuslerpModel, base="optional",
+    min_inputs=2, max_inputs=3, models_besides_base=2, reference="github.com/arcee-ai/mergekit (merge_methods/nuslerp.py)",
 ))
 register(MergeMethod(
-    name="multislerp", fn=multislerp, params=MultislerpParams, model_params=MultislerpModel, base="required",
+    name="multislerp", fn=multislerp, params=MultislerpParams, model_params=MultislerpModel, base="optional",
     min_inputs=2, check=_check_multislerp, reference="goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 ))
 register(MergeMethod(
