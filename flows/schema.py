@@ -128,6 +128,7 @@ class SFTConfig(Strict):
     batch_size: int = Field(gt=0)
     grad_accum: int = Field(gt=0)
     max_length: int = Field(gt=8)
+    packing: bool
     warmup_ratio: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     betas: tuple[float, float]

@@ -7,12 +7,18 @@ tokens count in the loss.
 Public API:
     tokenize_example(tokenizer, messages, completion, max_length) -> {"input_ids", "labels"}
     masked_lm_loss(logits, labels) -> scalar loss
+    model_inputs(model, batch) -> forward kwargs for a padded or a packed batch
     SFTModule(model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps)
     train_sft(model_dir, examples, out_dir, *, ...) -> dict
     save_model_folder(model, tokenizer, out_dir, save_dtype)
 
-Not here yet (see DESIGN.md): sequence packing, chunked/fused linear cross-entropy, LoRA, resume from a
-checkpoint, PoFT loss. DMT and curriculum stages are data schedules: call train_sft once per stage.
+With packing=True, train_sft packs the tokenized examples into rows of at most max_length tokens
+(models/packing.py: each example whole, position ids restarting, no attention across examples, first label of
+each example masked); batch_size then counts packed rows. The loss stays the mean over all target tokens of the
+batch, so it equals the unpacked loss over the same examples.
+
+Not here yet (see DESIGN.md): chunked/fused linear cross-entropy, LoRA, resume from a checkpoint, PoFT loss.
+DMT and curriculum stages are data schedules: call train_sft once per stage.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from models.packing import IGNORE_INDEX, pack_examples, packed_collate, packed_model_inputs
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SCHEDULERS = ("cosine", "constant_with_warmup")
 PRECISIONS = ("32-true", "bf16-mixed")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -129,6 +136,18 @@ def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def model_inputs(model, batch: dict) -> dict:
+    """Forward kwargs (without use_cache) for a pad_collate batch or a packed_collate batch (it has position_ids)."""
+    if "position_ids" in batch:
+        return packed_model_inputs(batch, model.config._attn_implementation, model.dtype)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def count_tokens(batch: dict) -> int:
+    """Non-pad tokens in a padded or packed batch."""
+    return batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
+
+
 # ----------------------------------------------------------------------------------------------- loss
 
 
@@ -185,9 +204,9 @@ class SFTModule(L.LightningModule):
         self._pending: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = self.model(**model_inputs(self.model, batch), use_cache=False)
         loss = masked_lm_loss(out.logits, batch["labels"])
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += count_tokens(batch)
         self.target_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self._pending.append(loss.item())
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
@@ -245,12 +264,14 @@ def load_for_training(model_dir):
 
 def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: int, max_steps: int, batch_size: int,
               grad_accum: int, max_length: int, warmup_ratio: float, weight_decay: float, betas: tuple[float, float],
-              scheduler: str, precision: str, seed: int, save_dtype: str, logger=None, progress: bool = True) -> dict:
+              scheduler: str, precision: str, seed: int, save_dtype: str, packing: bool = False, logger=None,
+              progress: bool = True) -> dict:
     """Fine-tune the model in `model_dir` on `examples` ({"messages", "completion"}) and save it to `out_dir`.
 
     Stops after `epochs` passes or `max_steps` optimizer steps, whichever comes first (max_steps=-1: no step
-    limit). Returns {"loss" (last step), "loss_history", "steps", "tokens", "target_tokens", "examples",
-    "dropped", "wall_time_s"}.
+    limit). packing: pack examples into rows of at most max_length tokens (batch_size then counts rows).
+    Returns {"loss" (last step), "loss_history", "steps", "tokens", "target_tokens", "examples", "rows",
+    "dropped", "wall_time_s"}; rows = training rows (packed rows, or examples when not packing).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"sft.scheduler={scheduler!r}: expected one of {SCHEDULERS}")
@@ -268,9 +289,16 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
         raise ValueError(f"sft: no example has a target token within max_length={max_length}")
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if packing:
+        train_rows, collate = pack_examples(kept, max_length, seed), packed_collate
+        fill = sum(len(r["input_ids"]) for r in kept) / (len(train_rows) * max_length)
+        log.info("sft: packed %d examples into %d rows of sft.max_length=%d (%.0f%% full)", len(kept),
+                 len(train_rows), max_length, 100 * fill)
+    else:
+        train_rows, collate = kept, pad_collate
     loader = torch.utils.data.DataLoader(
-        kept, batch_sampler=LengthBatchSampler([len(r["input_ids"]) for r in kept], batch_size, seed),
-        collate_fn=lambda b: pad_collate(b, pad_id),
+        train_rows, batch_sampler=LengthBatchSampler([len(r["input_ids"]) for r in train_rows], batch_size, seed),
+        collate_fn=lambda b: collate(b, pad_id),
     )
     steps_per_epoch = math.ceil(len(loader) / grad_accum)  # Lightning steps on a partial accumulation at epoch end
     total_steps = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
@@ -286,6 +314,6 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
     save_model_folder(module.model, tokenizer, out_dir, save_dtype)
     return {
         "loss": module.history[-1], "loss_history": module.history, "steps": trainer.global_step,
-        "tokens": module.tokens, "target_tokens": module.target_tokens, "examples": len(kept),
+        "tokens": module.tokens, "target_tokens": module.target_tokens, "examples": len(kept), "rows": len(train_rows),
         "dropped": len(rows) - len(kept), "wall_time_s": time.perf_counter() - start
     }
