@@ -129,6 +129,7 @@ class SFTConfig(Strict):
     grad_accum: int = Field(gt=0)
     max_length: int = Field(gt=8)
     packing: bool
+    loss_impl: Literal["plain", "chunked"]
     warmup_ratio: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     betas: tuple[float, float]

@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from kernels.linear_ce import shifted_linear_cross_entropy
 from models.packing import IGNORE_INDEX, pack_examples, packed_collate, packed_model_inputs
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "constant_with_warmup")
+LOSS_IMPLS = ("plain", "chunked")  # chunked: linear CE in token chunks (kernels/linear_ce.py)
 PRECISIONS = ("32-true", "bf16-mixed")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,9 +195,12 @@ class SFTModule(L.LightningModule):
     each optimizer step (over its accumulated micro-batches).
     """
 
-    def __init__(self, model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps):
+    def __init__(self, model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps, loss_impl="plain"):
         super().__init__()
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"sft.loss_impl={loss_impl!r}: expected one of {LOSS_IMPLS}")
         self.model = model
+        self.loss_impl = loss_impl
         self.hp = dict(lr=lr, betas=betas, weight_decay=weight_decay, scheduler=scheduler,
                        warmup_ratio=warmup_ratio, total_steps=total_steps)
         self.history: list[float] = []
@@ -204,8 +209,7 @@ class SFTModule(L.LightningModule):
         self._pending: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        out = self.model(**model_inputs(self.model, batch), use_cache=False)
-        loss = masked_lm_loss(out.logits, batch["labels"])
+        loss = self.loss(batch)
         self.tokens += count_tokens(batch)
         self.target_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self._pending.append(loss.item())
@@ -213,6 +217,14 @@ class SFTModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens), on_step=True)
         return loss
+
+    def loss(self, batch) -> torch.Tensor:
+        """Masked next-token loss; "chunked" never materialises the [tokens, vocab] logits (kernels/linear_ce.py)."""
+        if self.loss_impl == "plain":
+            return masked_lm_loss(self.model(**model_inputs(self.model, batch), use_cache=False).logits,
+                                  batch["labels"])
+        hidden = self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
+        return shifted_linear_cross_entropy(hidden, self.model.get_output_embeddings().weight, batch["labels"])
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -264,7 +276,8 @@ def load_for_training(model_dir):
 
 def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: int, max_steps: int, batch_size: int,
               grad_accum: int, max_length: int, warmup_ratio: float, weight_decay: float, betas: tuple[float, float],
-              scheduler: str, precision: str, seed: int, save_dtype: str, packing: bool = False, logger=None,
+              scheduler: str, precision: str, seed: int, save_dtype: str, packing: bool = False,
+              loss_impl: str = "plain", logger=None,
               progress: bool = True) -> dict:
     """Fine-tune the model in `model_dir` on `examples` ({"messages", "completion"}) and save it to `out_dir`.
 
@@ -304,7 +317,7 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
     total_steps = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
 
     module = SFTModule(load_for_training(model_dir), lr=lr, betas=betas, weight_decay=weight_decay,
-                       scheduler=scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps)
+                       scheduler=scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps, loss_impl=loss_impl)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer = make_trainer(max_steps=max_steps, max_epochs=epochs, grad_accum=grad_accum, precision=precision,

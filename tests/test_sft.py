@@ -180,3 +180,23 @@ def test_train_sft_bf16_accumulation_logs_and_saves_bf16(tiny_model_dir, tmp_pat
 def test_train_sft_rejects_unknown_scheduler(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="cosine"):
         train_sft(tiny_model_dir, varied_examples(), tmp_path / "x", **dict(SETTINGS, scheduler="linear"))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chunked_loss_trains_like_the_plain_loss(tiny_model_dir, tmp_path, packing):
+    # Same model, data and seed: the chunked linear cross-entropy (kernels/linear_ce.py) gives the plain loss's
+    # loss history and weights up to float rounding, without ever building [tokens, vocab] logits.
+    runs = {impl: train_sft(tiny_model_dir, varied_examples(), tmp_path / impl,
+                            **dict(SETTINGS, packing=packing, loss_impl=impl, max_steps=3, epochs=2))
+            for impl in ("plain", "chunked")}
+    assert runs["chunked"]["loss_history"] == pytest.approx(runs["plain"]["loss_history"], rel=1e-5)
+    plain, chunked = weights(tmp_path / "plain"), weights(tmp_path / "chunked")
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_chunked_loss_runs_under_bf16_autocast(tiny_model_dir, tmp_path):
+    plain, chunked = (train_sft(tiny_model_dir, varied_examples(), tmp_path / impl,
+                                **dict(SETTINGS, precision="bf16-mixed", loss_impl=impl, max_steps=2))
+                      for impl in ("plain", "chunked"))
+    assert chunked["loss_history"] == pytest.approx(plain["loss_history"], rel=2e-2)
