@@ -137,8 +137,9 @@ def mk_karcher(xs, max_iter=10, tol=1e-5):
     alpha = [1.0 / len(xs)] * len(xs)
     norms = [torch.linalg.norm(x.float()) for x in xs]
     units = [(x / n).to(x.dtype) if n.item() != 0 else torch.zeros_like(x) for x, n in zip(xs, norms)]
-    norms = [n.item() for n in norms]
-    keep = [i for i, n in enumerate(norms) if n > tol]
+    # mergekit 0.1.5 keeps the norms as float32 tensors, so the final scale is summed in float32
+    norms = [n if n.item() != 0 else torch.zeros(()) for n in norms]
+    keep = [i for i, n in enumerate(norms) if n.item() > tol]
     a = [alpha[i] / sum(alpha[i] for i in keep) for i in keep]
     u = [units[i] for i in keep]
     m = torch.zeros_like(u[0])

@@ -150,13 +150,15 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     norms, units = [], []
     for x in tensors:
         n = torch.linalg.norm(x.float())
+        # Norms stay float32 tensors: mergekit sums the final scale in float32 (a Python-float sum differed by
+        # 1 ulp on SmolLM2 weights, bench/merge_vs_mergekit.py).
         if n.item() == 0.0:
-            norms.append(0.0)
+            norms.append(torch.zeros((), dtype=n.dtype))
             units.append(torch.zeros_like(x))
         else:
-            norms.append(n.item())
+            norms.append(n)
             units.append((x / n).to(x.dtype))
-    valid = [i for i, n in enumerate(norms) if n > tol]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     total = sum(alphas[i] for i in valid)
