@@ -37,22 +37,17 @@ Targets outside [0, V) (other than ignore_index) raise in the reference and give
 # String annotations: `tl.constexpr` is only read by triton.jit, so this module imports without triton.
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference is all there is
-    triton = None
+# Re-exported: tests and callers ask this module which backend runs.
+from kernels.dispatch import (  # noqa: F401
+    ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available,
+)
 
-Backend = Literal["reference", "triton"]
 Reduction = Literal["mean", "sum", "none"]
-ENV = "BRANCHMERGE_KERNELS"  # the same switch as kernels/merge.py
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE_INDEX = -100
 # Tokens per chunk of the reference: the chunk's float32 logits are chunk_size * V * 4 bytes (256 x 49152 =
 # 50 MB) and a few such temporaries live at once, against N * V * 4 bytes (and two or three copies) in full.
@@ -61,43 +56,6 @@ DEFAULT_CHUNK_SIZE = 256
 BLOCK_N, BLOCK_V, BLOCK_H = 64, 128, 64
 NUM_WARPS = 8
 TARGET_PROGRAMS = 512  # forward: split the vocabulary until about this many programs run
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-def triton_available() -> bool:
-    return triton is not None
-
-
-def interpreted() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and type(_lse_forward_kernel).__name__ == "InterpretedFunction"
-
-
-def backend(*tensors: torch.Tensor) -> Backend:
-    """Which implementation runs for these tensors (see the module docstring)."""
-    choice = os.environ.get(ENV, "auto") or "auto"
-    if choice not in ("auto", "reference", "triton"):
-        raise ValueError(f"{ENV}={choice!r}: expected reference, triton or auto (unset = auto)")
-    if choice == "reference":
-        return "reference"
-    dtype_ok = all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point())
-    on_cuda = all(t.is_cuda for t in tensors)
-    if choice == "auto":
-        return "triton" if triton is not None and on_cuda and dtype_ok else "reference"
-    if triton is None:
-        raise RuntimeError(f"{ENV}=triton but triton is not installed: pip install -e '.[dev]' (or '.[gpu]')")
-    if not dtype_ok:
-        dtypes = sorted({str(t.dtype) for t in tensors if t.is_floating_point()})
-        raise ValueError(f"{ENV}=triton: the kernels take float32, bfloat16 or float16 tensors; got {dtypes}")
-    if not on_cuda and not interpreted():
-        raise RuntimeError(
-            f"{ENV}=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "kernels.linear_ce is imported (or move the tensors to CUDA)"
-        )
-    return "triton"
 
 
 # ----------------------------------------------------------------------------- reference: chunked PyTorch
@@ -161,7 +119,7 @@ def _backward_reference(grad_out, hidden, weight, bias, targets, lse, temperatur
 
 # ----------------------------------------------------------------------------- Triton: fused kernels
 
-@_jit
+@jit
 def _logits_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, inv_t,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_H: tl.constexpr):
@@ -180,7 +138,7 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, inv_t,
     return acc * inv_t
 
 
-@_jit
+@jit
 def _lse_forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, tgt_ptr, N, V, H, inv_t, v_per_split,
                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -212,7 +170,7 @@ def _lse_forward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, tgt_ptr, N, V,
     tl.store(tgt_ptr + out, z_tgt, mask=mask_n)
 
 
-@_jit
+@jit
 def _backward_kernel(x_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gx_ptr, gw_ptr, gb_ptr, N, V, H, inv_t,
                      HAS_BIAS: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,

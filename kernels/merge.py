@@ -30,22 +30,17 @@ reference's norms within float32 rounding, so "l1" outputs agree to ~1e-7 relati
 # imports without triton and the references still work.
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the references below are all there is
-    triton = None
+# Re-exported: tests and callers ask this module which backend runs.
+from kernels.dispatch import (  # noqa: F401
+    ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available,
+)
 
 Rescale = Literal["l1", "inverse_p"] | None
-Backend = Literal["reference", "triton"]
-ENV = "BRANCHMERGE_KERNELS"
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 L1_EPS = 1e-7  # mergekit's: below it on either side, nothing to match and the masked delta stays as is
 BLOCK = 1024
 NUM_WARPS = 4
@@ -54,45 +49,6 @@ NUM_WARPS = 4
 KEEP_MASK, KEEP_UNIFORM, KEEP_THRESHOLD = 0, 1, 2
 # How survivors are rescaled (constexpr RESCALE).
 _RESCALE_CODE = {None: 0, "l1": 1, "inverse_p": 2}
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-def triton_available() -> bool:
-    return triton is not None
-
-
-def interpreted() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and type(_combine_kernel).__name__ == "InterpretedFunction"
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-def backend(*tensors: torch.Tensor) -> Backend:
-    """Which implementation runs for these tensors (see the module docstring)."""
-    choice = os.environ.get(ENV, "auto") or "auto"
-    if choice not in ("auto", "reference", "triton"):
-        raise ValueError(f"{ENV}={choice!r}: expected reference, triton or auto (unset = auto)")
-    if choice == "reference":
-        return "reference"
-    dtype_ok = all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point())
-    on_cuda = all(t.is_cuda for t in tensors)
-    if choice == "auto":
-        return "triton" if triton is not None and on_cuda and dtype_ok else "reference"
-    if triton is None:
-        raise RuntimeError(f"{ENV}=triton but triton is not installed: pip install -e '.[dev]' (or '.[gpu]')")
-    if not dtype_ok:
-        dtypes = sorted({str(t.dtype) for t in tensors})
-        raise ValueError(f"{ENV}=triton: the kernels take float32, bfloat16 or float16 tensors; got {dtypes}")
-    if not on_cuda and not interpreted():
-        raise RuntimeError(
-            f"{ENV}=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "kernels.merge is imported (or move the tensors to CUDA)"
-        )
-    return "triton"
 
 
 # ----------------------------------------------------------------------------- argument normalisation
@@ -201,13 +157,13 @@ def topk_threshold(deltas: torch.Tensor, density: float | Sequence[float]) -> to
 
 # ----------------------------------------------------------------------------- drop / trim + rescale: Triton
 
-@_jit
+@jit
 def _rnd(x, DT: tl.constexpr):
     """Round float32 to the storage dtype and back: where the reference stores an intermediate."""
     return x.to(DT).to(tl.float32)
 
 
-@_jit
+@jit
 def _masked_block(d_ptr, draw_ptr, p_ptr, thr_ptr, row, start, offs, inb,
                   MODE: tl.constexpr, PER_ENTRY_P: tl.constexpr):
     """(delta, delta * keep) of one block of one model's row, in float32."""
@@ -226,7 +182,7 @@ def _masked_block(d_ptr, draw_ptr, p_ptr, thr_ptr, row, start, offs, inb,
     return d, d * keep.to(tl.float32)  # a product, as the reference's: -0.0 and inf * 0 = nan alike
 
 
-@_jit
+@jit
 def _l1_partials_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, part_ptr, numel, n_blocks,
                         MODE: tl.constexpr, PER_ENTRY_P: tl.constexpr, BLOCK: tl.constexpr):
     """part[row, 0, block] = sum |delta|, part[row, 1, block] = sum |delta * keep| over one block."""
@@ -241,7 +197,7 @@ def _l1_partials_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, part_ptr, numel, n_bloc
     tl.store(out + n_blocks, tl.sum(tl.abs(masked), axis=0))
 
 
-@_jit
+@jit
 def _mask_rescale_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, scale_ptr, out_ptr, numel,
                          MODE: tl.constexpr, RESCALE: tl.constexpr, PER_ENTRY_P: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -356,7 +312,7 @@ def sign_elect_disjoint_mean_reference(base, deltas, weights, *, consensus=True,
     return base + mixed
 
 
-@_jit
+@jit
 def _combine_kernel(base_ptr, d_ptr, w_ptr, out_ptr, numel, lam, divisor_all,
                     N: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
     """One block of the output: every model's block is read (the second loop re-reads it from cache)."""

@@ -8,7 +8,7 @@ Public API:
     tokenize_example(tokenizer, messages, completion, max_length) -> {"input_ids", "labels"}
     masked_lm_loss(logits, labels) -> scalar loss
     model_inputs(model, batch) -> forward kwargs for a padded or a packed batch
-    SFTModule(model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps)
+    SFTModule(model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps, loss_impl)
     train_sft(model_dir, examples, out_dir, *, ...) -> dict
     save_model_folder(model, tokenizer, out_dir, save_dtype)
 
@@ -195,7 +195,7 @@ class SFTModule(L.LightningModule):
     each optimizer step (over its accumulated micro-batches).
     """
 
-    def __init__(self, model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps, loss_impl="plain"):
+    def __init__(self, model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps, loss_impl):
         super().__init__()
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"sft.loss_impl={loss_impl!r}: expected one of {LOSS_IMPLS}")
@@ -276,8 +276,8 @@ def load_for_training(model_dir):
 
 def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: int, max_steps: int, batch_size: int,
               grad_accum: int, max_length: int, warmup_ratio: float, weight_decay: float, betas: tuple[float, float],
-              scheduler: str, precision: str, seed: int, save_dtype: str, packing: bool = False,
-              loss_impl: str = "plain", logger=None,
+              scheduler: str, precision: str, seed: int, save_dtype: str, packing: bool,
+              loss_impl: str, logger=None,
               progress: bool = True) -> dict:
     """Fine-tune the model in `model_dir` on `examples` ({"messages", "completion"}) and save it to `out_dir`.
 

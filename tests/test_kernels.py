@@ -8,14 +8,11 @@ bfloat16 runs on CUDA only: the interpreter (triton 3.9) truncates float32 -> bf
 rounding to nearest even, so it cannot reproduce torch's bfloat16 results.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kernels import merge as km
+from tests.triton_interpreter import rerun_in_triton_interpreter
 
 INTERPRETER = km.interpreted()
 CUDA = torch.cuda.is_available() and km.triton_available() and not INTERPRETER
@@ -183,11 +180,4 @@ def test_auto_dispatch_uses_triton_on_cuda(monkeypatch):
 @pytest.mark.skipif(not km.triton_available(), reason="triton is not installed (pip install -e '.[dev]')")
 def test_kernels_in_triton_interpreter():
     """Runs this file again with TRITON_INTERPRET=1: every kernel on CPU tensors against its reference."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop(km.ENV, None)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    rerun_in_triton_interpreter(__file__)

@@ -8,9 +8,6 @@ interpreter, which needs TRITON_INTERPRET=1 before kernels.linear_ce is imported
 V and H not multiples of a tile); bfloat16 runs on CUDA only (the interpreter truncates float32 -> bfloat16).
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kernels import linear_ce as lc
+from tests.triton_interpreter import rerun_in_triton_interpreter
 
 INTERPRETER = lc.interpreted()
 CUDA = torch.cuda.is_available() and lc.triton_available() and not INTERPRETER
@@ -275,35 +273,12 @@ def test_reference_never_materialises_the_logits():
 
 
 # ----------------------------------------------------------------------------- dispatch
+# The switch itself (kernels/dispatch.py) is tested in tests/test_kernels.py.
 
-def test_dispatch(monkeypatch):
-    cpu = torch.zeros(3)
-    monkeypatch.delenv(lc.ENV, raising=False)
-    assert lc.backend(cpu) == "reference"
-    monkeypatch.setenv(lc.ENV, "reference")
-    assert lc.backend(cpu) == "reference"
-    monkeypatch.setenv(lc.ENV, "cuda")
-    with pytest.raises(ValueError, match="BRANCHMERGE_KERNELS='cuda': expected reference, triton or auto"):
-        lc.backend(cpu)
-    monkeypatch.setenv(lc.ENV, "triton")
-    if not lc.triton_available():
-        with pytest.raises(RuntimeError, match="triton is not installed"):
-            lc.backend(cpu)
-        return
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        lc.backend(cpu.double())
-    if INTERPRETER:
-        assert lc.backend(cpu) == "triton"
-    else:
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            lc.backend(cpu)
+def test_dispatch_is_the_shared_switch():
+    from kernels import dispatch
 
-
-@pytest.mark.skipif(not CUDA, reason="no CUDA device")
-def test_auto_dispatch_uses_triton_on_cuda(monkeypatch):
-    monkeypatch.delenv(lc.ENV, raising=False)
-    assert lc.backend(torch.zeros(3, device="cuda")) == "triton"
-    assert lc.backend(torch.zeros(3, device="cuda", dtype=torch.float64)) == "reference"
+    assert lc.backend is dispatch.backend
 
 
 # ----------------------------------------------------------------------------- CPU: the interpreter subprocess
@@ -312,11 +287,4 @@ def test_auto_dispatch_uses_triton_on_cuda(monkeypatch):
 @pytest.mark.skipif(not lc.triton_available(), reason="triton is not installed (pip install -e '.[dev]')")
 def test_kernels_in_triton_interpreter():
     """Runs this file again with TRITON_INTERPRET=1: the fused kernels on CPU tensors against the plain path."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop(lc.ENV, None)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    rerun_in_triton_interpreter(__file__)

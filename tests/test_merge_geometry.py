@@ -17,10 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import models.merging.arcee_fusion as fusion_module
 from models.merge import METHODS, MergeConfigError, run_merge, tensor_generator
-
-
-def rand(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from tests.test_merge import rand
 
 
 @pytest.fixture
