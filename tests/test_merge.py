@@ -622,3 +622,43 @@ def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
         run_merge(config, tmp_path / "out", seed=0)
 
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_workers_do_not_change_the_output(folders, tmp_path, method):
+    """Tensors merged two or three at a time come out in the same order with the same bits."""
+    config = ties_config(folders, merge_method=method) if method == "ties" else {
+        "merge_method": method, "base_model": str(folders["base"]),
+        "models": [{"model": str(folders[k]), "parameters": {"weight": 1.0, "density": 0.5}} for k in ("a", "b")]}
+    outputs = {}
+    for workers in (1, 2, 3):
+        run_merge(config, tmp_path / f"w{workers}", seed=3, workers=workers, max_shard_size=50_000)
+        outputs[workers] = weights(tmp_path / f"w{workers}")
+        index = json.loads((tmp_path / f"w{workers}" / "model.safetensors.index.json").read_text())
+        assert index == json.loads((tmp_path / "w1" / "model.safetensors.index.json").read_text())
+    for workers in (2, 3):
+        assert all(torch.equal(outputs[workers][k], outputs[1][k]) for k in outputs[1])
+    with pytest.raises(ValueError, match="workers: expected >= 1; got 0"):
+        run_merge(config, tmp_path / "w0", seed=3, workers=0)
+
+
+def test_checkpoint_reads_what_safetensors_wrote(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(9).reshape(3, 3), "u8": torch.arange(5, dtype=torch.uint8), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ck = Checkpoint(tmp_path)
+    assert ck.names() == sorted(tensors)
+    for name, x in tensors.items():
+        assert ck.shape(name) == tuple(x.shape) and ck.dtype(name) == x.dtype
+        got = ck.get(name)
+        assert got.dtype == x.dtype and torch.equal(got, x), name
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # truncated
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Checkpoint(tmp_path)

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                    help="name a model folder for the recipe's references (repeatable)")
     p.add_argument("--intermediate-dir", help="keep named steps' outputs here (default: temporary, deleted)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tensors merged at once (same output for any number; memory grows with it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         aliases[name] = path
     try:
         result = run_recipe(load_recipe(args.config), args.out, seed=args.seed, aliases=aliases,
-                            workdir=args.intermediate_dir, overwrite=args.overwrite)
+                            workdir=args.intermediate_dir, overwrite=args.overwrite,
+                            workers=args.workers)
     except MergeConfigError as err:
         raise SystemExit(f"error: {args.config}: {err}") from None
     print(json.dumps(result, indent=2))

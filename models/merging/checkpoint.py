@@ -1,11 +1,11 @@
 """Reading input checkpoints lazily and writing the output in shards (safetensors only)."""
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 WEIGHTS = "model.safetensors"
@@ -21,7 +21,12 @@ ST_DTYPES = {
 
 class Checkpoint:
     """One HF folder's weights. Names, shapes and dtypes come from the safetensors headers; a
-    tensor's data is read only by `get`, so everything can be checked before any weight is read."""
+    tensor's data is read only by `get`, so everything can be checked before any weight is read.
+
+    `get` reads with pread into a fresh tensor instead of memory-mapping the file: a mapped page stays
+    in this process's RSS until the mapping goes away, so mmap'd reads (safe_open) grow the peak to the
+    size of every input read so far; a read tensor is freed as soon as it is merged.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -33,23 +38,66 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.path}: neither {WEIGHTS} nor {INDEX} found (only safetensors is read)")
         config = self.path / "config.json"
         self.config: dict = json.loads(config.read_text()) if config.exists() else {}
-        self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
-        self._file = {name: f for f, h in self._handles.items() for name in h.keys()}
+        self._entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
+        for file in files:
+            for name, entry in sorted(_read_header(self.path / file).items()):  # safe_open's order
+                self._entries[name] = (file, *entry)
 
     def names(self) -> list[str]:
-        return list(self._file)
+        return list(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file[name]].get_slice(name).get_shape())
+        return self._entries[name][2]
 
     def dtype(self, name: str) -> torch.dtype:
-        return ST_DTYPES[self._handles[self._file[name]].get_slice(name).get_dtype()]
+        return self._entries[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._file[name]].get_tensor(name)
+        file, dtype, shape, start, nbytes = self._entries[name]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        fd = os.open(self.path / file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:  # one read returns at most ~2 GiB on Linux
+                n = os.preadv(fd, [view[done:]], start + done)
+                if n <= 0:
+                    raise OSError(f"{self.path / file}: file ends inside tensor {name} (truncated checkpoint?)")
+                done += n
+        finally:
+            os.close(fd)
+        return buffer.view(dtype).reshape(shape)
+
+
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """{tensor: (dtype, shape, absolute byte offset, byte length)} from a safetensors file's header
+    (8-byte little-endian header length, then a JSON header; offsets are relative to the data after it)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {length}, file size {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: unreadable safetensors header ({err})") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; readable: {', '.join(ST_DTYPES)}")
+        dtype, shape = ST_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if end - begin != math.prod(shape) * dtype.itemsize or 8 + length + end > size:
+            raise ValueError(f"{path}: tensor {name}'s data_offsets {[begin, end]} do not fit its shape "
+                             f"{list(shape)} x {info['dtype']} or the file ({size} bytes): truncated or corrupt")
+        entries[name] = (dtype, shape, 8 + length + begin, end - begin)
+    return entries
 
 
 class ShardWriter:

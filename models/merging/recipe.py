@@ -168,8 +168,9 @@ def step_seed(seed: int, step: Step) -> int:
 
 def run_recipe(docs: list[dict[str, Any]], out_dir: str | os.PathLike, *, seed: int,
                aliases: Mapping[str, str] | None = None, workdir: str | os.PathLike | None = None,
-               overwrite: bool = False) -> dict[str, Any]:
-    """Run every step; intermediate models go to `workdir` (kept) or a temporary folder (deleted after)."""
+               overwrite: bool = False, workers: int = 2) -> dict[str, Any]:
+    """Run every step; intermediate models go to `workdir` (kept) or a temporary folder (deleted after).
+    `workers`: tensors merged at once (run_merge)."""
     steps = plan_recipe(docs, aliases)
     out_dir = Path(out_dir)
     scratch = Path(workdir) if workdir is not None else Path(
@@ -183,7 +184,7 @@ def run_recipe(docs: list[dict[str, Any]], out_dir: str | os.PathLike, *, seed: 
             config = _substitute(step.config, paths)
             record = {"recipe": docs, "aliases": dict(aliases or {}), "seed": seed} if final else None
             result = run_merge(config, target, seed=step_seed(seed, step), overwrite=overwrite or not final,
-                               record=record)
+                               record=record, workers=workers)
             results.append({"step": step.label, **result})
             if not final:
                 paths[step.name] = str(target)

@@ -20,7 +20,9 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,15 +350,20 @@ def _output_config(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJo
 
 def run_merge(
     config: Mapping, out_dir: str | os.PathLike, *, seed: int, max_shard_size: int = MAX_SHARD_SIZE,
-    overwrite: bool = False, record: dict | None = None,
+    overwrite: bool = False, record: dict | None = None, workers: int = 2,
 ) -> dict:
     """Merge the models of a mergekit-style config into the HF folder `out_dir` (written atomically).
 
     `seed` drives DARE / DELLA masks: each tensor draws from a generator derived from (seed, tensor
-    name). `record` replaces what merge_config.json records (default: the config and seed).
+    name). `record` replaces what merge_config.json records (default: the config and seed). `workers`
+    tensors are merged at once (the output is the same for any number): torch's sort, which the trimming
+    methods spend their time in, runs on one core per tensor, so two in flight use two cores; peak memory
+    grows by one tensor per input model per extra worker.
     Returns {method, n_tensors, n_shards, seconds}.
     """
     start = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers: expected >= 1; got {workers}")
     spec = validate_config(config)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -371,8 +378,9 @@ def run_merge(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         writer = ShardWriter(tmp, max_shard_size)
-        for job in tqdm(jobs, desc=f"merge {spec.method.name}", unit="tensor"):
-            writer.add(job.name, _merge_tensor(spec, ckpts, job, seed).to(job.out_dtype))
+        merged = _merged_in_order(spec, ckpts, jobs, seed, workers)
+        for job, tensor in tqdm(zip(jobs, merged), total=len(jobs), desc=f"merge {spec.method.name}", unit="tensor"):
+            writer.add(job.name, tensor)
         files = writer.finish()
         (tmp / "config.json").write_text(json.dumps(_output_config(spec, ckpts, jobs), indent=2) + "\n")
         ref = Path(spec.inputs[spec.reference])
@@ -390,6 +398,19 @@ def run_merge(
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJob], seed: int,
+                     workers: int) -> Iterator[torch.Tensor]:
+    """Each job's output tensor, in job order, with up to `workers` tensors being merged at a time."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
+        for job in jobs:
+            pending.append(pool.submit(_merge_tensor, spec, ckpts, job, seed))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed: int) -> torch.Tensor:
     if job.params is None:
         return ckpts[spec.reference].get(job.sources[spec.reference])
@@ -401,7 +422,7 @@ def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed
         raise RuntimeError(
             f"{spec.method.name} returned shape {list(out.shape)} for {job.name}; expected {list(expected)}"
         )
-    return out
+    return out.to(job.out_dtype)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
