@@ -662,3 +662,17 @@ def test_checkpoint_reads_what_safetensors_wrote(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 257, 33), torch.float32), ((2, 1000), torch.float32),
+                                         ((4, 333, 7), torch.bfloat16), ((1, 50), torch.float32),
+                                         ((5, 999), torch.float16)])
+def test_population_variance_is_torch_var_bit_for_bit(shape, dtype):
+    from models.merging.sce import population_variance
+
+    g = torch.Generator().manual_seed(sum(shape))
+    d = (0.01 * torch.randn(shape, generator=g)).to(dtype)
+    d[:, :5] = 0  # zero-variance positions, which sce's count_nonzero skips
+    expected = torch.var(d, dim=0, unbiased=False)
+    got = population_variance(d)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)

@@ -400,15 +400,29 @@ def run_merge(
 
 def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJob], seed: int,
                      workers: int) -> Iterator[torch.Tensor]:
-    """Each job's output tensor, in job order, with up to `workers` tensors being merged at a time."""
+    """Each job's output tensor, in job order, with up to `workers` tensors being merged at a time.
+
+    Jobs are submitted ahead while the inputs of the not-yet-written ones fit in `workers` times the largest
+    job's inputs, so one slow tensor (a sort over the embeddings) does not idle the other workers, and memory
+    stays what `workers` jobs of the largest tensor would take.
+    """
+    def job_bytes(job: TensorJob) -> int:
+        return sum(math.prod(ck.shape(src)) for ck, src in zip(ckpts, job.sources)) * spec.dtype.itemsize
+
+    sizes = [job_bytes(job) for job in jobs]
+    budget = workers * max(sizes, default=0)
     with ThreadPoolExecutor(workers) as pool:
-        pending: deque[Future] = deque()
-        for job in jobs:
-            pending.append(pool.submit(_merge_tensor, spec, ckpts, job, seed))
-            if len(pending) >= workers:
-                yield pending.popleft().result()
+        pending: deque[tuple[Future, int]] = deque()
+        queued = 0
+        for job, size in zip(jobs, sizes):
+            while pending and queued + size > budget:
+                future, done = pending.popleft()
+                queued -= done
+                yield future.result()
+            pending.append((pool.submit(_merge_tensor, spec, ckpts, job, seed), size))
+            queued += size
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
 
 
 def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed: int) -> torch.Tensor:
