@@ -162,7 +162,8 @@ def run_stages(cfg: PipelineConfig, tracker: Tracker, stages: Stages) -> tuple[A
 
     # Branches: one SFT run per domain, all from the same base.
     branches = stages.run_all({d: sft.plan(cfg.sft.model_dump(), d, cfg.run.seed, base_ref, teacher_ref, store,
-                                           fresh("sft")) for d in cfg.data.domains}, "tasks.sft")
+                                           fresh("sft"), teacher_model=teacher_model_ref)
+                               for d in cfg.data.domains}, "tasks.sft")
 
     # Merge the branches onto the base, then refine with RL.
     merged_ref = stages.run(merge.plan(cfg.merge.model_dump(), cfg.run.seed, base_ref, branches, store,

@@ -65,8 +65,9 @@ def plan(cfg: PipelineConfig, stage: str, args: argparse.Namespace) -> tuple[Job
         return teacher.plan(cfg.teacher.model_dump(), cfg.run.seed, ref_from_dir(up / "mix"),
                             ref_from_dir(up / "model/teacher"), store, False), "tasks.teacher"
     if stage == "sft":
+        teacher_model = ref_from_dir(up / "model/teacher") if (up / "model/teacher").exists() else None
         return sft.plan(cfg.sft.model_dump(), args.branch, cfg.run.seed, ref_from_dir(up / "model/student"),
-                        ref_from_dir(up / "teacher"), store, False), "tasks.sft"
+                        ref_from_dir(up / "teacher"), store, False, teacher_model=teacher_model), "tasks.sft"
     if stage == "merge":
         branches = {d: ref_from_dir(up / "sft" / d) for d in cfg.data.domains}
         return merge.plan(cfg.merge.model_dump(), cfg.run.seed, ref_from_dir(up / "model/student"), branches,

@@ -17,14 +17,31 @@ With packing=True, train_sft packs the tokenized examples into rows of at most m
 each example masked); batch_size then counts packed rows. The loss stays the mean over all target tokens of the
 batch, so it equals the unpacked loss over the same examples.
 
-Not here yet (see DESIGN.md): chunked/fused linear cross-entropy, LoRA, resume from a checkpoint, PoFT loss.
-DMT and curriculum stages are data schedules: call train_sft once per stage.
+finetune="lora" trains peft LoRA adapters (lora: r, alpha, dropout, target_modules) and saves the model with the
+adapters merged in, so every branch is a plain HF folder the merge stage reads like any other.
+
+Resume: with a checkpoint_dir, a Lightning checkpoint (model, optimizer, scheduler, loop and data-order state)
+is written atomically every checkpoint_every optimizer steps; a later call with the same checkpoint_dir resumes
+from it and ends with the weights an uninterrupted run would have (the batch sampler restores its epoch and
+position, so the same batches follow). At most one checkpoint interval of work is lost.
+
+loss="poft" (PoFT, Fan et al. 2024): -log sigmoid(r_model(x, y) - r_ref(x, y)) averaged over examples, with r
+the log-likelihood of the target tokens under the trained and a fixed reference model (reference_dir, scored
+once before training). poft_length_normalize=True divides each r by its number of target tokens (a per-token mean,
+so long answers are not favoured for being long; the reference may tokenize differently); False uses the sum.
+The gradient is the example's cross-entropy gradient weighted by sigmoid(r_ref - r_model): examples the model
+already rates above the reference count less.
+
+DMT and curriculum stages are data schedules over train_sft calls: models/sft_recipes.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -34,10 +51,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from kernels.linear_ce import shifted_linear_cross_entropy
+from kernels.linear_ce import chunked_linear_logprobs, shifted_linear_cross_entropy
 from models.packing import IGNORE_INDEX, pack_examples, packed_collate, packed_model_inputs
 
 log = logging.getLogger(__name__)
@@ -45,6 +63,10 @@ log = logging.getLogger(__name__)
 SCHEDULERS = ("cosine", "constant_with_warmup")
 LOSS_IMPLS = ("plain", "chunked")  # chunked: linear CE in token chunks (kernels/linear_ce.py)
 PRECISIONS = ("32-true", "bf16-mixed")
+FINETUNES = ("full", "lora")
+LOSSES = ("nll", "poft")
+CHECKPOINT = "last.ckpt"
+FINGERPRINT = "run_fingerprint.txt"  # which run wrote the checkpoint beside it (run_fingerprint)
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,19 +131,47 @@ def length_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
 
 
 class LengthBatchSampler(torch.utils.data.Sampler):
-    """Yields length-grouped batches; each pass over the data (epoch) reshuffles with seed + epoch."""
+    """Yields length-grouped batches; each pass over the data (epoch) reshuffles with seed + epoch.
+
+    Its state is the epoch in progress and how many of its batches were handed out; load_state_dict makes the
+    next pass resume there (what a resumed run needs to see the batches an uninterrupted run would).
+    """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.epoch, self.served = 0, 0  # next pass's epoch; batches served in the current pass
+        self._current = 0
+        self._skip = 0
 
     def __len__(self):
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
         # Count epochs ourselves: Lightning calls set_epoch only on samplers, not on batch samplers.
-        batches = length_batches(self.lengths, self.batch_size, self.seed + self.epoch)
-        self.epoch += 1
-        return iter(batches)
+        self._current, self.served, skip = self.epoch, self._skip, self._skip
+        self.epoch, self._skip = self.epoch + 1, 0
+        for batch in length_batches(self.lengths, self.batch_size, self.seed + self._current)[skip:]:
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._current, "served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, served = state["epoch"], state["served"]
+        if served >= len(self):  # saved at an epoch's last batch: the next pass is the next epoch
+            epoch, served = epoch + 1, 0
+        self.epoch, self._skip = epoch, served
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose state (its batch sampler's) Lightning saves in checkpoints and restores on resume."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
@@ -135,7 +185,10 @@ def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if "ref_logp" in rows[0]:  # PoFT: the reference model's r(x, y) per example
+        batch["ref_logps"] = torch.tensor([r["ref_logp"] for r in rows], dtype=torch.float32)
+    return batch
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -163,6 +216,42 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[:, t + 1] | logits[:, t]) in float32, [B, T - 1]; 0 where the label is -100."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    picked = torch.gather(logits, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != IGNORE_INDEX, picked - torch.logsumexp(logits, -1), 0.0)
+
+
+def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, length_normalize: bool) -> torch.Tensor:
+    """Per-row target log-likelihood [B] from target_logprobs: the sum, or the mean over target tokens."""
+    total = token_logps.sum(-1)
+    if not length_normalize:
+        return total
+    return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+
+
+def poft_loss(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """PoFT: mean over examples of -log sigmoid(r_model - r_ref)."""
+    return F.softplus(ref_logps - logps).mean()
+
+
+@torch.no_grad()
+def reference_logps(reference_dir, examples: list[dict], *, max_length: int, length_normalize: bool,
+                    batch_size: int) -> list[float]:
+    """The reference model's r(x, y) for each example, with its own tokenizer (scored once, before training)."""
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenize_example(tokenizer, e["messages"], e["completion"], max_length) for e in examples]
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        batch = pad_collate(rows[start : start + batch_size], pad_id)
+        logits = model(**model_inputs(model, batch), use_cache=False).logits
+        out += sequence_logps(target_logprobs(logits, batch["labels"]), batch["labels"], length_normalize).tolist()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- module
@@ -195,12 +284,17 @@ class SFTModule(L.LightningModule):
     each optimizer step (over its accumulated micro-batches).
     """
 
-    def __init__(self, model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps, loss_impl):
+    def __init__(self, model, *, lr, betas, weight_decay, scheduler, warmup_ratio, total_steps, loss_impl,
+                 loss="nll", poft_length_normalize=True):
         super().__init__()
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"sft.loss_impl={loss_impl!r}: expected one of {LOSS_IMPLS}")
+        if loss not in LOSSES:
+            raise ValueError(f"sft.loss={loss!r}: expected one of {LOSSES}")
         self.model = model
         self.loss_impl = loss_impl
+        self.loss_name, self.poft_length_normalize = loss, poft_length_normalize
+        self.resumed_from_step = 0
         self.hp = dict(lr=lr, betas=betas, weight_decay=weight_decay, scheduler=scheduler,
                        warmup_ratio=warmup_ratio, total_steps=total_steps)
         self.history: list[float] = []
@@ -219,12 +313,33 @@ class SFTModule(L.LightningModule):
         return loss
 
     def loss(self, batch) -> torch.Tensor:
-        """Masked next-token loss; "chunked" never materialises the [tokens, vocab] logits (kernels/linear_ce.py)."""
+        """Masked next-token loss (or PoFT); "chunked" never materialises the [tokens, vocab] logits
+        (kernels/linear_ce.py)."""
+        if self.loss_name == "poft":
+            r = sequence_logps(self.token_logps(batch), batch["labels"], self.poft_length_normalize)
+            return poft_loss(r, batch["ref_logps"].to(r.device))
         if self.loss_impl == "plain":
             return masked_lm_loss(self.model(**model_inputs(self.model, batch), use_cache=False).logits,
                                   batch["labels"])
         hidden = self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
         return shifted_linear_cross_entropy(hidden, self.model.get_output_embeddings().weight, batch["labels"])
+
+    def token_logps(self, batch) -> torch.Tensor:
+        """target_logprobs of the batch under the model being trained, [B, T - 1]."""
+        if self.loss_impl == "plain":
+            return target_logprobs(self.model(**model_inputs(self.model, batch), use_cache=False).logits,
+                                   batch["labels"])
+        hidden = self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
+        return chunked_linear_logprobs(hidden[:, :-1], self.model.get_output_embeddings().weight, batch["labels"][:, 1:])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["branchmerge"] = {"history": self.history, "tokens": self.tokens,
+                                     "target_tokens": self.target_tokens}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint["branchmerge"]
+        self.history, self.tokens, self.target_tokens = saved["history"], saved["tokens"], saved["target_tokens"]
+        self.resumed_from_step = checkpoint["global_step"]
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -254,42 +369,135 @@ def save_model_folder(model, tokenizer, out_dir, save_dtype: str) -> Path:
     return out_dir
 
 
+class StepCheckpoint(Callback):
+    """Every `every` optimizer steps, a full Lightning checkpoint at dirpath/last.ckpt, replaced atomically (a
+    kill while writing leaves the previous one whole). Written right after an optimizer step, never between the
+    micro-batches of an accumulation, so the saved data position and the saved weights agree."""
+
+    def __init__(self, dirpath, every: int, fingerprint: str):
+        self.dirpath, self.every, self.fingerprint, self.saved = Path(dirpath), every, fingerprint, 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.saved = trainer.global_step  # a resumed run does not rewrite the checkpoint it started from
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.saved or step % self.every:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
+        tmp = self.dirpath / f".{CHECKPOINT}.tmp"
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.dirpath / CHECKPOINT)
+        self.saved = step
+
+
 def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool,
-                 root_dir: str) -> L.Trainer:
-    """Lightning Trainer on the default accelerator: no checkpoints, no model summary, metrics logged every step."""
+                 root_dir: str, callbacks: list | None = None) -> L.Trainer:
+    """Lightning Trainer on the default accelerator: no model summary, metrics logged every step, no checkpoints
+    but those of `callbacks` (StepCheckpoint)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     return L.Trainer(
         max_steps=max_steps, max_epochs=max_epochs, accumulate_grad_batches=grad_accum, precision=precision,
         logger=logger if logger is not None else False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, use_distributed_sampler=False,
-        default_root_dir=root_dir,
+        default_root_dir=root_dir, callbacks=callbacks or [],
     )
 
 
-def load_for_training(model_dir):
-    """float32 master weights (bf16 runs autocast), train mode (transformers 5 loads in eval mode)."""
+def load_for_training(model_dir, *, finetune: str = "full", lora: dict | None = None,
+                      gradient_checkpointing: bool = False):
+    """float32 master weights (bf16 runs autocast), train mode (transformers 5 loads in eval mode); LoRA adapters
+    when finetune="lora"; activations recomputed in the backward pass when gradient_checkpointing."""
+    if finetune not in FINETUNES:
+        raise ValueError(f"sft.finetune={finetune!r}: expected one of {FINETUNES}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
+    if gradient_checkpointing:
+        # Non-reentrant: works when the inputs need no grad (LoRA's frozen embeddings) and under autocast.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if finetune == "lora":
+        model = with_lora(model, lora)
     return model.train()
+
+
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+
+
+def with_lora(model, lora: dict | None):
+    """peft LoRA adapters on `lora["target_modules"]` ("all-linear": every linear layer but the LM head)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = dict(lora or {})
+    if sorted(lora) != sorted(LORA_KEYS):
+        raise ValueError(f"sft.lora={lora}: expected exactly the keys {', '.join(LORA_KEYS)}")
+    if not (isinstance(lora["r"], int) and lora["r"] > 0):
+        raise ValueError(f"sft.lora.r={lora['r']!r}: expected a positive integer")
+    if not 0 <= lora["dropout"] < 1:
+        raise ValueError(f"sft.lora.dropout={lora['dropout']!r}: expected a value in [0, 1)")
+    target = lora["target_modules"]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+                        target_modules=target if isinstance(target, str) else list(target))
+    return get_peft_model(model, config)
+
+
+def trained_model(model):
+    """The plain transformers model to save: LoRA adapters merged into the weights they adapt."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """checkpoint_dir's last checkpoint if there is one; refuses one written by a run with other settings or data."""
+    if not (checkpoint_dir / CHECKPOINT).exists():
+        return None
+    saved = (checkpoint_dir / FINGERPRINT).read_text() if (checkpoint_dir / FINGERPRINT).exists() else None
+    if saved != fingerprint:
+        raise ValueError(f"{checkpoint_dir / CHECKPOINT} was written by another SFT run (settings, model or data "
+                         f"differ: fingerprint {saved}, this run {fingerprint}); delete {checkpoint_dir} to start over")
+    log.info("sft: resuming from %s", checkpoint_dir / CHECKPOINT)
+    return checkpoint_dir / CHECKPOINT
+
+
+def run_fingerprint(settings: dict, rows: list[dict]) -> str:
+    """Hash of the settings and the tokenized data: a checkpoint resumes only the run that wrote it."""
+    blob = json.dumps({"settings": settings, "rows": rows}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: int, max_steps: int, batch_size: int,
               grad_accum: int, max_length: int, warmup_ratio: float, weight_decay: float, betas: tuple[float, float],
               scheduler: str, precision: str, seed: int, save_dtype: str, packing: bool,
-              loss_impl: str, logger=None,
-              progress: bool = True) -> dict:
+              loss_impl: str, finetune: str, lora: dict | None, gradient_checkpointing: bool, loss: str,
+              poft_length_normalize: bool, checkpoint_every: int, reference_dir=None, checkpoint_dir=None,
+              logger=None, progress: bool = True) -> dict:
     """Fine-tune the model in `model_dir` on `examples` ({"messages", "completion"}) and save it to `out_dir`.
 
     Stops after `epochs` passes or `max_steps` optimizer steps, whichever comes first (max_steps=-1: no step
     limit). packing: pack examples into rows of at most max_length tokens (batch_size then counts rows).
+    checkpoint_dir + checkpoint_every > 0: resumable checkpoints (see the module docstring); a run that finds one
+    there resumes from it. loss="poft" needs reference_dir (the reference model's folder).
     Returns {"loss" (last step), "loss_history", "steps", "tokens", "target_tokens", "examples", "rows",
-    "dropped", "wall_time_s"}; rows = training rows (packed rows, or examples when not packing).
+    "dropped", "resumed_from_step", "wall_time_s"}; rows = training rows (packed rows, or examples when not packing).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"sft.scheduler={scheduler!r}: expected one of {SCHEDULERS}")
     if max_steps == 0 or max_steps < -1 or epochs < 1:
         raise ValueError(f"sft.max_steps={max_steps}, sft.epochs={epochs}: need max_steps -1 or > 0 and epochs >= 1")
+    if loss not in LOSSES:
+        raise ValueError(f"sft.loss={loss!r}: expected one of {LOSSES}")
+    if loss == "poft" and packing:
+        raise ValueError("sft.loss='poft' scores whole examples: set sft.packing=false (packed rows are not "
+                         "supported by the PoFT loss)")
+    if loss == "poft" and reference_dir is None:
+        raise ValueError("sft.loss='poft' needs a reference model (sft.poft_reference)")
+    if checkpoint_every < 0:
+        raise ValueError(f"sft.checkpoint_every={checkpoint_every}: expected 0 (no checkpoints) or a step count")
+    settings = dict(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                    max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay, betas=list(betas),
+                    scheduler=scheduler, precision=precision, seed=seed, packing=packing, loss_impl=loss_impl,
+                    finetune=finetune, lora=lora if finetune == "lora" else None, loss=loss,
+                    poft_length_normalize=poft_length_normalize, model=str(model_dir), reference=str(reference_dir))
     start = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -300,6 +508,11 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
                     len(rows) - len(kept), len(rows), max_length)
     if not kept:
         raise ValueError(f"sft: no example has a target token within max_length={max_length}")
+    if loss == "poft":
+        kept_examples = [e for e, r in zip(examples, rows) if any(x != IGNORE_INDEX for x in r["labels"][1:])]
+        ref = reference_logps(reference_dir, kept_examples, max_length=max_length,
+                              length_normalize=poft_length_normalize, batch_size=batch_size)
+        kept = [r | {"ref_logp": x} for r, x in zip(kept, ref)]
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if packing:
@@ -309,24 +522,31 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
                  len(train_rows), max_length, 100 * fill)
     else:
         train_rows, collate = kept, pad_collate
-    loader = torch.utils.data.DataLoader(
+    loader = ResumableLoader(
         train_rows, batch_sampler=LengthBatchSampler([len(r["input_ids"]) for r in train_rows], batch_size, seed),
         collate_fn=lambda b: collate(b, pad_id),
     )
     steps_per_epoch = math.ceil(len(loader) / grad_accum)  # Lightning steps on a partial accumulation at epoch end
     total_steps = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
 
-    module = SFTModule(load_for_training(model_dir), lr=lr, betas=betas, weight_decay=weight_decay,
-                       scheduler=scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps, loss_impl=loss_impl)
+    model = load_for_training(model_dir, finetune=finetune, lora=lora, gradient_checkpointing=gradient_checkpointing)
+    module = SFTModule(model, lr=lr, betas=betas, weight_decay=weight_decay, scheduler=scheduler,
+                       warmup_ratio=warmup_ratio, total_steps=total_steps, loss_impl=loss_impl, loss=loss,
+                       poft_length_normalize=poft_length_normalize)
+    callbacks, resume = [], None
+    if checkpoint_dir is not None and checkpoint_every > 0:
+        fingerprint = run_fingerprint(settings, train_rows)
+        callbacks.append(StepCheckpoint(checkpoint_dir, checkpoint_every, fingerprint))
+        resume = resumable_checkpoint(Path(checkpoint_dir), fingerprint)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer = make_trainer(max_steps=max_steps, max_epochs=epochs, grad_accum=grad_accum, precision=precision,
-                               logger=logger, progress=progress, root_dir=root)
-        trainer.fit(module, train_dataloaders=loader)
+                               logger=logger, progress=progress, root_dir=root, callbacks=callbacks)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
 
-    save_model_folder(module.model, tokenizer, out_dir, save_dtype)
+    save_model_folder(trained_model(module.model), tokenizer, out_dir, save_dtype)
     return {
         "loss": module.history[-1], "loss_history": module.history, "steps": trainer.global_step,
         "tokens": module.tokens, "target_tokens": module.target_tokens, "examples": len(kept), "rows": len(train_rows),
-        "dropped": len(rows) - len(kept), "wall_time_s": time.perf_counter() - start
+        "dropped": len(rows) - len(kept), "resumed_from_step": module.resumed_from_step, "wall_time_s": time.perf_counter() - start
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -53,6 +54,7 @@ def execute(job: Job, build: Callable[[Job, Path], dict[str, Any]]) -> ArtifactR
     # stage loads its model, or a long run holds every stage's memory at once.
     gc.collect()
     ref = store.sealed_ref(job.stage, job.key, time.perf_counter() - t0)
+    shutil.rmtree(store.scratch(job.stage, job.key), ignore_errors=True)
     log.info("%s: computed in %.1f s -> %s", job.stage, ref.seconds, ref.path)
     return ref
 

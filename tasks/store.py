@@ -89,6 +89,11 @@ class Store:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def scratch(self, stage: str, key: str) -> Path:
+        """A folder for a build's resumable state (training checkpoints): it outlives a crashed build, so the
+        rerun under the same key resumes, and `execute` deletes it once the artifact is sealed."""
+        return self.root / stage / f".scratch-{key}"
+
     def load(self, stage: str, key: str) -> ArtifactRef | None:
         """The artifact under this key if it is complete and intact, else None (then the caller rebuilds it)."""
         folder = self.path(stage, key)

@@ -173,7 +173,8 @@ def test_flash_varlen_packed_logits_equal_each_example_alone():
 
 SETTINGS = dict(lr=3e-3, epochs=3, max_steps=-1, grad_accum=1, max_length=128, warmup_ratio=0.0, weight_decay=0.0,
                 betas=(0.9, 0.999), scheduler="constant_with_warmup", precision="32-true", seed=0,
-                save_dtype="float32", loss_impl="plain", progress=False)
+                save_dtype="float32", loss_impl="plain", finetune="full", lora=None, gradient_checkpointing=False, loss="nll", poft_length_normalize=True,
+                checkpoint_every=0, progress=False)
 
 
 def varied_examples():

@@ -15,7 +15,8 @@ COMPLETION = "6 * 7 = 42, so the answer is <answer>42</answer>."
 
 SETTINGS = dict(lr=3e-3, epochs=1, max_steps=-1, batch_size=2, grad_accum=1, max_length=128, warmup_ratio=0.0,
                 weight_decay=0.0, betas=(0.9, 0.999), scheduler="constant_with_warmup", precision="32-true",
-                seed=0, save_dtype="float32", packing=False, loss_impl="plain", progress=False)
+                seed=0, save_dtype="float32", packing=False, loss_impl="plain", finetune="full", lora=None, gradient_checkpointing=False, loss="nll", poft_length_normalize=True,
+                checkpoint_every=0, progress=False)
 
 
 @pytest.fixture(scope="module")
