@@ -20,6 +20,7 @@ First use builds, under $BRANCHMERGE_CACHE (default ~/.cache/branchmerge):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -146,6 +147,7 @@ def prepare_models() -> tuple[Path, list[Path]]:
         from models.sft import train_sft
 
         sft = yaml.safe_load((ROOT / "conf/sft/full.yaml").read_text())
+        sft = {k: v for k, v in sft.items() if k in inspect.signature(train_sft).parameters}  # not the recipe keys
         sft.update(epochs=10, max_steps=SFT_STEPS, seed=0, save_dtype="float32")  # steps bound it
         examples = sft_examples(domain, SFT_STEPS * sft["batch_size"] * sft["grad_accum"])
         tmp = atomic_dir(ft)

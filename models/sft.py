@@ -382,8 +382,8 @@ class StepCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step == self.saved or step % self.every:
-            return
+        if step == self.saved or step % self.every or step >= pl_module.hp["total_steps"]:
+            return  # (the last step's weights are saved as the model right after)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
         tmp = self.dirpath / f".{CHECKPOINT}.tmp"
@@ -427,7 +427,14 @@ LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 
 def with_lora(model, lora: dict | None):
     """peft LoRA adapters on `lora["target_modules"]` ("all-linear": every linear layer but the LM head)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora))
+
+
+def lora_config(lora: dict | None):
+    """conf/sft's lora settings as a peft LoraConfig, checked."""
+    from peft import LoraConfig
 
     lora = dict(lora or {})
     if sorted(lora) != sorted(LORA_KEYS):
@@ -437,9 +444,8 @@ def with_lora(model, lora: dict | None):
     if not 0 <= lora["dropout"] < 1:
         raise ValueError(f"sft.lora.dropout={lora['dropout']!r}: expected a value in [0, 1)")
     target = lora["target_modules"]
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
-                        target_modules=target if isinstance(target, str) else list(target))
-    return get_peft_model(model, config)
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+                      target_modules=target if isinstance(target, str) else list(target))
 
 
 def trained_model(model):
@@ -493,6 +499,10 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
         raise ValueError("sft.loss='poft' needs a reference model (sft.poft_reference)")
     if checkpoint_every < 0:
         raise ValueError(f"sft.checkpoint_every={checkpoint_every}: expected 0 (no checkpoints) or a step count")
+    if finetune not in FINETUNES:
+        raise ValueError(f"sft.finetune={finetune!r}: expected one of {FINETUNES}")
+    if finetune == "lora":
+        lora_config(lora)  # a bad lora setting fails before any work
     settings = dict(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                     max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay, betas=list(betas),
                     scheduler=scheduler, precision=precision, seed=seed, packing=packing, loss_impl=loss_impl,
@@ -529,15 +539,16 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
     steps_per_epoch = math.ceil(len(loader) / grad_accum)  # Lightning steps on a partial accumulation at epoch end
     total_steps = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
 
-    model = load_for_training(model_dir, finetune=finetune, lora=lora, gradient_checkpointing=gradient_checkpointing)
-    module = SFTModule(model, lr=lr, betas=betas, weight_decay=weight_decay, scheduler=scheduler,
-                       warmup_ratio=warmup_ratio, total_steps=total_steps, loss_impl=loss_impl, loss=loss,
-                       poft_length_normalize=poft_length_normalize)
     callbacks, resume = [], None
     if checkpoint_dir is not None and checkpoint_every > 0:
         fingerprint = run_fingerprint(settings, train_rows)
         callbacks.append(StepCheckpoint(checkpoint_dir, checkpoint_every, fingerprint))
         resume = resumable_checkpoint(Path(checkpoint_dir), fingerprint)
+
+    model = load_for_training(model_dir, finetune=finetune, lora=lora, gradient_checkpointing=gradient_checkpointing)
+    module = SFTModule(model, lr=lr, betas=betas, weight_decay=weight_decay, scheduler=scheduler,
+                       warmup_ratio=warmup_ratio, total_steps=total_steps, loss_impl=loss_impl, loss=loss,
+                       poft_length_normalize=poft_length_normalize)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer = make_trainer(max_steps=max_steps, max_epochs=epochs, grad_accum=grad_accum, precision=precision,
@@ -548,5 +559,6 @@ def train_sft(model_dir, examples: list[dict], out_dir, *, lr: float, epochs: in
     return {
         "loss": module.history[-1], "loss_history": module.history, "steps": trainer.global_step,
         "tokens": module.tokens, "target_tokens": module.target_tokens, "examples": len(kept), "rows": len(train_rows),
-        "dropped": len(rows) - len(kept), "resumed_from_step": module.resumed_from_step, "wall_time_s": time.perf_counter() - start
+        "dropped": len(rows) - len(kept), "resumed_from_step": module.resumed_from_step,
+        "wall_time_s": time.perf_counter() - start,
     }

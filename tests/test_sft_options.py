@@ -84,7 +84,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_pat
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tiny_model_dir, tmp_path):
-    settings = dict(SETTINGS, checkpoint_every=2, max_steps=2)
+    settings = dict(SETTINGS, checkpoint_every=2, max_steps=3)
     train_sft(tiny_model_dir, varied_examples(), tmp_path / "a", checkpoint_dir=tmp_path / "ckpt", **settings)
     assert (tmp_path / "ckpt" / CHECKPOINT).exists()
     with pytest.raises(ValueError, match="written by another SFT run"):
