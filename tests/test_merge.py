@@ -676,3 +676,17 @@ def test_population_variance_is_torch_var_bit_for_bit(shape, dtype):
     expected = torch.var(d, dim=0, unbiased=False)
     got = population_variance(d)
     assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("shape,dim", [((300_000,), -1), ((64, 5000), 1)])
+def test_argsort_magnitudes_is_torch_argsort_including_ties(descending, shape, dim):
+    """The integer-view sort keeps mergekit's (torch.argsort's) order among equal magnitudes: the trims then
+    keep the same entries. Quantised values give many ties; zeros included."""
+    from models.merging.sparsify import argsort_magnitudes
+
+    g = torch.Generator().manual_seed(len(shape))
+    w = ((torch.randn(shape, generator=g) * 100).round() / 100).abs()
+    w.view(-1)[:500] = 0.0
+    expected = torch.argsort(w, dim=dim, descending=descending)
+    assert torch.equal(argsort_magnitudes(w, descending=descending, dim=dim), expected)

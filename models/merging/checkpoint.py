@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -17,6 +16,7 @@ ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+TORCH_TO_ST = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 class Checkpoint:
@@ -101,48 +101,89 @@ def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
 
 
 class ShardWriter:
-    """Buffers output tensors; writes a shard whenever the next tensor would push it past max_shard_size.
+    """Streams output tensors into safetensors shards as they come, nothing buffered.
 
-    Peak memory is one shard plus the tensors being merged. Shards get temporary names until the
-    total is known, then the HF names (model.safetensors, or model-0000i-of-0000n + index).
+    Every output tensor's name, dtype and shape is known from the plan, so each shard's header, and each
+    tensor's byte offset in it, are written before any data: a merged tensor goes straight to its place in
+    the file (pwrite) and is freed. A shard starts whenever the next tensor would push it past max_shard_size
+    (mergekit's rule). Shards get temporary names until `finish`, then the HF names (model.safetensors, or
+    model-0000i-of-0000n + index).
     """
 
-    def __init__(self, out_dir: Path, max_shard_size: int):
+    def __init__(self, out_dir: Path, max_shard_size: int, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         self.out_dir = Path(out_dir)
-        self.max_shard_size = max_shard_size
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total_size = 0
+        self.shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
+        size = 0
+        for name, dtype, shape in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not self.shards or (self.shards[-1] and size + nbytes > max_shard_size):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, dtype, shape))
+            size += nbytes
+        self.total_size = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in layout)
+        self.place: dict[str, tuple[int, int, int]] = {}  # name -> (shard, byte offset, byte length)
+        self.headers: list[bytes] = []
+        for i, shard in enumerate(self.shards):
+            header, offset = {}, 0
+            for name, dtype, shape in shard:
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                self.place[name] = (i, offset, nbytes)
+                offset += nbytes
+            blob = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+            self.headers.append(len(blob).to_bytes(8, "little") + blob)
+        self.fds: dict[int, int] = {}
+
+    def _path(self, shard: int) -> Path:
+        return self.out_dir / f"shard-{shard + 1:05d}.tmp"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + nbytes > self.max_shard_size:
-            self._flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffer_bytes += nbytes
-        self.total_size += nbytes
+        shard, offset, nbytes = self.place[name]
+        if shard not in self.fds:
+            fd = os.open(self._path(shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, self.headers[shard])
+            self.fds[shard] = fd
+        data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        if len(data) != nbytes:
+            raise RuntimeError(f"tensor {name}: {len(data)} bytes to write, the plan has {nbytes}")
+        start, done = len(self.headers[shard]) + offset, 0
+        while done < nbytes:
+            done += os.pwrite(self.fds[shard], data[done:], start + done)
 
-    def _flush(self) -> None:
-        path = self.out_dir / f"shard-{len(self.shards) + 1:05d}.tmp"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
     def finish(self) -> list[str]:
-        """Write what is left, name the shards, write the index when sharded; returns the file names."""
-        if self.buffer or not self.shards:
-            self._flush()
+        """Close the shards, name them, write the index when sharded; returns the file names."""
+        for i in range(len(self.shards)):
+            if i not in self.fds:  # a shard of empty tensors only, or no tensor at all
+                fd = os.open(self._path(i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(fd, self.headers[i])
+                self.fds[i] = fd
+        self.close()
         n = len(self.shards)
-        if n == 1:
-            self.shards[0][0].rename(self.out_dir / WEIGHTS)
+        if n <= 1:
+            if n == 0:  # no tensors: an empty but valid file
+                (self.out_dir / WEIGHTS).write_bytes(_empty_safetensors())
+            else:
+                self._path(0).rename(self.out_dir / WEIGHTS)
             return [WEIGHTS]
         weight_map, files = {}, []
-        for i, (path, names) in enumerate(self.shards, start=1):
-            file = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.out_dir / file)
+        for i, shard in enumerate(self.shards):
+            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            self._path(i).rename(self.out_dir / file)
             files.append(file)
-            weight_map.update(dict.fromkeys(names, file))
+            weight_map.update(dict.fromkeys((name for name, _, _ in shard), file))
         index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+
+def _empty_safetensors() -> bytes:
+    blob = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob

@@ -7,8 +7,9 @@
 Three phases, so a bad config costs nothing:
 1. validate_config: the config alone (keys, method, parameter names and values, model counts);
 2. plan: safetensors headers only (tensor names, shapes, tied embeddings, per-tensor parameters);
-3. merge: read each tensor from every model, merge in `dtype`, cast, write shards into a temp
-   folder that is renamed into place at the end.
+3. merge: read each tensor from every model, merge in `dtype`, cast, write it into its place in the
+   shards (their headers come from the plan) in a temp folder that is renamed into place at the end.
+   `workers` tensors are merged at once; peak memory is about one tensor per input model per worker.
 """
 
 import dataclasses
@@ -376,8 +377,10 @@ def run_merge(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    layout = [(job.name, job.out_dtype, ckpts[spec.reference].shape(job.sources[spec.reference])) for job in jobs]
+    writer = None
     try:
-        writer = ShardWriter(tmp, max_shard_size)
+        writer = ShardWriter(tmp, max_shard_size, layout)  # headers from the plan; tensors stream into place
         merged = _merged_in_order(spec, ckpts, jobs, seed, workers)
         for job, tensor in tqdm(zip(jobs, merged), total=len(jobs), desc=f"merge {spec.method.name}", unit="tensor"):
             writer.add(job.name, tensor)
@@ -392,6 +395,8 @@ def run_merge(
         (tmp / "merge_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         _move_into_place(tmp, out_dir)
     except BaseException:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"method": spec.method.name, "n_tensors": len(jobs), "n_shards": len(files),
