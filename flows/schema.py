@@ -121,6 +121,13 @@ class TeacherConfig(Strict):
     keep: Literal["verified", "well_formed", "all"]
 
 
+class LoraConfig(Strict):
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: str | list[str]
+
+
 class SFTConfig(Strict):
     lr: float = Field(gt=0)
     epochs: int = Field(gt=0)
@@ -136,6 +143,22 @@ class SFTConfig(Strict):
     scheduler: Literal["cosine", "constant_with_warmup"]
     precision: Literal["32-true", "bf16-mixed"]
     save_dtype: Dtype
+    finetune: Literal["full", "lora"]
+    lora: LoraConfig
+    gradient_checkpointing: bool
+    checkpoint_every: int = Field(ge=0)
+    loss: Literal["nll", "poft"]
+    poft_reference: Literal["base", "teacher"]
+    poft_length_normalize: bool
+    recipe: Literal["single", "dmt", "curriculum"]
+    dmt_k: float = Field(ge=0, le=1)
+    hard_fraction: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _poft_scores_whole_examples(self) -> "SFTConfig":
+        if self.loss == "poft" and self.packing:
+            raise ValueError("sft.loss=poft scores whole examples: set sft.packing=false")
+        return self
 
 
 class MergeConfig(Strict):
@@ -177,6 +200,7 @@ class RLConfig(Strict):
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
     weight_decay: float = Field(ge=0)
+    logprob_impl: Literal["plain", "chunked"]
     precision: Literal["32-true", "bf16-mixed"]
     save_dtype: Dtype
 

@@ -7,7 +7,10 @@ per generation batch, so the importance ratio is 1 and clipping only matters for
 Public API:
     group_advantages(rewards, num_generations, scale_rewards) -> advantages
     logprobs_from_logits(logits, ids, temperature) -> per-token log-probs (row-chunked)
-    selective_logprobs(model, input_ids, attention_mask, logits_to_keep, *, temperature) -> per-token log-probs
+    entropy_from_hidden(hidden, weight, bias, temperature) -> per-token entropy without the full logits
+    logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl, entropy)
+        -> (per-token log-probs, per-token entropy or None)
+    selective_logprobs(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl) -> per-token log-probs
     grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, ...) -> (loss, metrics)
     GRPOModule(model, tokenizer, reward_fn, build_messages, *, ...)
     train_grpo(model_dir, items, reward_fn, build_messages, out_dir, *, ...) -> dict
@@ -16,6 +19,13 @@ Reward function (TRL signature): reward_fn(prompts=[messages]*, completions=[str
 **columns) -> list[float | None], one entry per completion (B*G, grouped by prompt); `prompts` are the chat
 messages from build_messages, `completions` the decoded text up to the end-of-turn token, `columns` every field
 of the items (repeated per completion). None = "no opinion": left out of the group baseline, advantage 0.
+
+Log-probs (logprob_impl): "plain" runs the model's lm_head and keeps the [B, K, V] logits of the completion
+tokens; "chunked" takes the decoder's hidden states and the lm_head weight to kernels.linear_ce's
+chunked_linear_logprobs (custom backward, fused Triton kernel on CUDA) and the entropy metric in token chunks,
+so no [B, K, V] tensor exists. float32: the same numbers up to float rounding. bf16-mixed: they differ by bf16
+rounding of the logits (the CPU reference rounds each chunk's logits to bf16 as the lm_head does, the Triton
+kernel keeps them in float32); the entropy metric is computed as the plain path's on both.
 
 Not here yet: dynamic sampling, overlong shaping, truncated-completion masking, GSPO sequence-level ratios,
 num_iterations > 1, SASR (these compose around grpo_loss / group_advantages).
@@ -31,12 +41,17 @@ import warnings
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
 from models.sft import end_of_turn_text, load_for_training, make_optimizer, make_trainer, save_model_folder
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+LOGPROB_IMPLS = ("plain", "chunked")
+# Config keys of heads that post-process h W^T (softcap, scale): the chunked path would silently drop that step.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 ADAM_BETAS = (0.9, 0.999)  # HF TrainingArguments defaults, which TRL's GRPO uses
 STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 
@@ -107,25 +122,81 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """entropy_from_logits(F.linear(hidden, weight, bias), T): [..., H] -> [...], `chunk_size` tokens at a time.
+
+    The logits are computed as the lm_head does (its dtype, autocast included), so this is the plain path's
+    metric with at most [chunk_size, V] logits alive.
+    """
+    flat = hidden.reshape(-1, hidden.size(-1))
+    parts = [entropy_from_logits(F.linear(flat[s : s + chunk_size], weight, bias).unsqueeze(0), temperature)[0]
+             for s in range(0, flat.size(0), chunk_size)]
+    return torch.cat(parts).view(hidden.shape[:-1])
+
+
+def mask_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from the attention mask, as in generate(): with left padding the first real token is at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def completion_logits(model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
     """Logits predicting the last `logits_to_keep` tokens, [B, K, V].
 
-    Position ids come from the attention mask, as in generate(): with left padding the first real token is at
-    position 0, so the log-probs here are those of the distribution the completions were sampled from.
+    Positions follow the mask (mask_position_ids), so the log-probs here are those of the distribution the
+    completions were sampled from.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_position_ids(attention_mask),
                 logits_to_keep=logits_to_keep + 1, use_cache=False)
     return out.logits[:, :-1]  # the last position predicts the token after the sequence: drop it
 
 
-def selective_logprobs(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float) -> torch.Tensor:
+def completion_hidden(model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+    """Last hidden states [B, K, H] that completion_logits passes to the lm_head (same positions and mask)."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=mask_position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state[:, -logits_to_keep - 1 : -1]
+
+
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias or None) of the output embedding: the model's logits are F.linear(h, weight, bias)."""
+    for key in LOGIT_TRANSFORMS:
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise ValueError(f"logprob_impl='chunked': the model's head applies {key}={getattr(model.config, key)} "
+                             "to its logits, which the chunked kernel does not; use logprob_impl='plain'")
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float,
+                         impl: str = "plain", entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B, K], entropy [B, K] or None) of the last K = logits_to_keep tokens under model at T.
+
+    The log-probs carry the gradient, the entropy (a metric) does not. impl "plain" keeps the [B, K, V] logits;
+    "chunked" never builds them (kernels.linear_ce.chunked_linear_logprobs, entropy_from_hidden).
+    """
+    if impl not in LOGPROB_IMPLS:
+        raise ValueError(f"rl.logprob_impl={impl!r}: expected one of {LOGPROB_IMPLS}")
+    ids = input_ids[:, -logits_to_keep:]
+    if impl == "plain":
+        logits = completion_logits(model, input_ids, attention_mask, logits_to_keep)
+        ent = entropy_from_logits(logits.detach(), temperature) if entropy else None
+        return logprobs_from_logits(logits, ids, temperature), ent
+    weight, bias = lm_head_params(model)
+    hidden = completion_hidden(model, input_ids, attention_mask, logits_to_keep)
+    ent = entropy_from_hidden(hidden.detach(), weight, bias, temperature) if entropy else None
+    return chunked_linear_logprobs(hidden, weight, ids, temperature=temperature, bias=bias), ent
+
+
+def selective_logprobs(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float,
+                       impl: str = "plain") -> torch.Tensor:
     """Per-token log-probs [B, K] of the last K = logits_to_keep tokens of input_ids under model at temperature T.
 
     input_ids = [left-padded prompt | completion]; TRL divides the logits by the sampling temperature too.
     """
-    logits = completion_logits(model, input_ids, attention_mask, logits_to_keep)
-    return logprobs_from_logits(logits, input_ids[:, -logits_to_keep:], temperature)
+    return logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep, temperature=temperature,
+                                impl=impl, entropy=False)[0]
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
@@ -214,10 +285,12 @@ class GRPOModule(L.LightningModule):
 
     def __init__(self, model, tokenizer, reward_fn, build_messages, *, ref_model, num_generations, lr, beta,
                  epsilon, epsilon_high, loss_type, scale_rewards, max_new_tokens, temperature, top_p, weight_decay,
-                 micro_batch_size=None):
+                 logprob_impl, micro_batch_size=None):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"rl.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+        if logprob_impl not in LOGPROB_IMPLS:
+            raise ValueError(f"rl.logprob_impl={logprob_impl!r}: expected one of {LOGPROB_IMPLS}")
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"rl.scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
         if num_generations < 2:
@@ -230,7 +303,7 @@ class GRPOModule(L.LightningModule):
         self.hp = dict(num_generations=num_generations, lr=lr, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
                        loss_type=loss_type, scale_rewards=scale_rewards, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, weight_decay=weight_decay,
-                       micro_batch_size=micro_batch_size)
+                       logprob_impl=logprob_impl, micro_batch_size=micro_batch_size)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.history: list[dict] = []
@@ -289,13 +362,14 @@ class GRPOModule(L.LightningModule):
         sums: dict[str, float] = {}
         for s in range(0, n, mb):
             rows = slice(s, min(s + mb, n))
-            logits = completion_logits(self.model, batch["input_ids"][rows], batch["attention_mask"][rows], K)
-            logps = logprobs_from_logits(logits, batch["completion_ids"][rows], hp["temperature"])
+            ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
+            logps, entropy = logprobs_and_entropy(self.model, ids, attn, K, temperature=hp["temperature"],
+                                                  impl=hp["logprob_impl"])
             ref = None
             if hp["beta"] != 0.0:
                 with torch.no_grad():
-                    ref = selective_logprobs(self.ref_model, batch["input_ids"][rows], batch["attention_mask"][rows],
-                                             K, temperature=hp["temperature"])
+                    ref = selective_logprobs(self.ref_model, ids, attn, K, temperature=hp["temperature"],
+                                             impl=hp["logprob_impl"])
             loss, metrics = grpo_loss(
                 logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=hp["epsilon"],
                 epsilon_high=hp["epsilon_high"], beta=hp["beta"], loss_type=hp["loss_type"],
@@ -306,8 +380,7 @@ class GRPOModule(L.LightningModule):
             self.manual_backward(loss)
             # Token-weighted sums so the step's metrics are token means over all micro-batches.
             w = float(mask[rows].sum()) / max(float(total_tokens), 1.0)
-            metrics["entropy"] = float((entropy_from_logits(logits.detach(), hp["temperature"]) * mask[rows]).sum()
-                                       / mask[rows].sum().clamp(min=1))
+            metrics["entropy"] = float((entropy * mask[rows]).sum() / mask[rows].sum().clamp(min=1))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + w * v
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -355,11 +428,12 @@ def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> li
 def train_grpo(model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, steps: int, prompts_per_step: int,
                num_generations: int, lr: float, beta: float, epsilon: float, epsilon_high: float | None,
                loss_type: str, scale_rewards: str, max_new_tokens: int, temperature: float, top_p: float,
-               weight_decay: float, precision: str, seed: int, save_dtype: str, logger=None, progress: bool = True,
-               micro_batch_size: int | None = None) -> dict:
+               weight_decay: float, precision: str, seed: int, save_dtype: str, logprob_impl: str, logger=None,
+               progress: bool = True, micro_batch_size: int | None = None) -> dict:
     """GRPO-train the model in `model_dir` for `steps` steps on `items`, save an HF folder to `out_dir`.
 
-    build_messages(item) -> chat messages for the prompt. The reference model (beta != 0) is a frozen copy of
+    build_messages(item) -> chat messages for the prompt. logprob_impl: "plain" | "chunked" (module docstring).
+    The reference model (beta != 0) is a frozen copy of
     model_dir. Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens", "wall_time_s"}.
     """
     if not items:
@@ -374,7 +448,7 @@ def train_grpo(model_dir, items: list[dict], reward_fn, build_messages, out_dir,
         load_for_training(model_dir), tokenizer, reward_fn, build_messages, ref_model=ref_model,
         num_generations=num_generations, lr=lr, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
         loss_type=loss_type, scale_rewards=scale_rewards, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, weight_decay=weight_decay, micro_batch_size=micro_batch_size,
+        top_p=top_p, weight_decay=weight_decay, logprob_impl=logprob_impl, micro_batch_size=micro_batch_size,
     )
     batches = [[items[i] for i in idx] for idx in step_items(len(items), steps, prompts_per_step, seed)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)

@@ -7,7 +7,7 @@ from typing import Any
 from tasks.common import Job, make_job, read_json, read_jsonl
 from tasks.store import ArtifactRef
 
-CODE = ("tasks/rl.py", "models/grpo.py", "models/domains.py")
+CODE = ("tasks/rl.py", "models/grpo.py", "models/domains.py", "kernels/linear_ce.py")  # chunked log-probs
 
 
 def plan(rl: dict[str, Any], seed: int, model: ArtifactRef, mix: ArtifactRef, store: str, refresh: bool) -> Job:

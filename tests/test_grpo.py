@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.grpo import (completion_mask_from_ids, entropy_from_logits, group_advantages, grpo_loss,
-                         logprobs_from_logits, selective_logprobs, train_grpo)
+from models.grpo import (completion_hidden, completion_mask_from_ids, entropy_from_hidden, entropy_from_logits,
+                         group_advantages, grpo_loss, logprobs_and_entropy, logprobs_from_logits, selective_logprobs,
+                         train_grpo)
 
 # ----------------------------------------------------------------------------------------------- advantages
 
@@ -198,6 +199,99 @@ def test_logprobs_match_the_sampling_distribution_of_generate(model_and_tok):
     torch.testing.assert_close(got * cmask, want * cmask, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_dir):
+    """The tiny model with 6x its (tied) embedding: the random init is near uniform over 49k tokens (entropy
+    ~10.78 everywhere); this one's entropies range from ~4 to ~9, so a wrong position or temperature shows."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(6.0)
+    return model
+
+
+def completion_batch(tok):
+    """[left-padded prompt | 5 completion tokens], attention mask, completion mask (row 0 ends after 3 tokens)."""
+    enc = left_padded_batch(tok)
+    completion = torch.randint(0, len(tok), (2, 5), generator=torch.Generator().manual_seed(4))
+    cmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    return torch.cat([enc["input_ids"], completion], 1), torch.cat([enc["attention_mask"], cmask], 1), cmask
+
+
+def test_chunked_logprobs_equal_plain(sharp_model, model_and_tok):
+    model, tok = sharp_model, model_and_tok[1]
+    ids, attn, _ = completion_batch(tok)
+    plain = selective_logprobs(model, ids, attn, 5, temperature=0.7)
+    chunked = selective_logprobs(model, ids, attn, 5, temperature=0.7, impl="chunked")
+    assert chunked.dtype == torch.float32 and chunked.shape == (2, 5)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logprob_impl"):
+        selective_logprobs(model, ids, attn, 5, temperature=0.7, impl="fused")
+
+
+def test_chunked_logprobs_refuse_a_head_that_transforms_its_logits(model_and_tok, monkeypatch):
+    model, tok = model_and_tok
+    ids, attn, _ = completion_batch(tok)
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        selective_logprobs(model, ids, attn, 5, temperature=0.7, impl="chunked")
+
+
+def test_chunked_entropy_equals_plain(sharp_model, model_and_tok):
+    model, tok = sharp_model, model_and_tok[1]
+    ids, attn, _ = completion_batch(tok)
+    _, plain = logprobs_and_entropy(model, ids, attn, 5, temperature=0.7, impl="plain")
+    assert plain.std() > 1.0
+    _, chunked = logprobs_and_entropy(model, ids, attn, 5, temperature=0.7, impl="chunked")
+    assert not chunked.requires_grad
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    # Chunks of 3 of the 10 tokens: a partial last chunk, and chunks that straddle the two rows.
+    hidden = completion_hidden(model, ids, attn, 5)
+    weight = model.get_output_embeddings().weight
+    torch.testing.assert_close(entropy_from_hidden(hidden, weight, None, 0.7, chunk_size=3), plain,
+                               rtol=1e-5, atol=1e-6)
+
+
+def perturbed_copy(model_dir, scale=0.02):
+    """The model with Gaussian noise on every weight: a reference that differs from the policy."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_chunked_logprobs_give_the_plain_loss_gradients(sharp_model, model_and_tok, tiny_model_dir, beta):
+    model, tok = sharp_model, model_and_tok[1]
+    ref_model = perturbed_copy(tiny_model_dir) if beta else None
+    ids, attn, cmask = completion_batch(tok)
+    params = list(model.parameters())
+    old = (selective_logprobs(model, ids, attn, 5, temperature=0.7).detach()
+           + (torch.rand(2, 5, generator=torch.Generator().manual_seed(6)) - 0.5) * 1.2)  # ratios on both clip sides
+    adv = torch.tensor([1.3, -0.8])
+
+    def loss_metrics_grads(impl):
+        logps = selective_logprobs(model, ids, attn, 5, temperature=0.7, impl=impl)
+        ref = None
+        if beta:
+            with torch.no_grad():
+                ref = selective_logprobs(ref_model, ids, attn, 5, temperature=0.7, impl=impl)
+        loss, metrics = grpo_loss(logps, old, ref, adv, cmask, epsilon=0.2, epsilon_high=0.28, beta=beta,
+                                  loss_type="dapo", max_completion_length=5)
+        return loss, metrics, torch.autograd.grad(loss, params)
+
+    plain_loss, plain_metrics, plain_grads = loss_metrics_grads("plain")
+    loss, metrics, grads = loss_metrics_grads("chunked")
+    if beta:
+        assert plain_metrics["kl"] > 1e-3  # the reference differs: its term has a gradient
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    assert metrics == pytest.approx(plain_metrics, rel=1e-5, abs=1e-7)
+    assert all(g.abs().sum() > 0 for g in plain_grads)
+    for (name, _), got, want in zip(model.named_parameters(), grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_completion_mask_stops_after_first_end_token():
     ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
     assert completion_mask_from_ids(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
@@ -226,7 +320,7 @@ class ToyReward:
 
 GRPO = dict(steps=2, prompts_per_step=2, num_generations=4, lr=1e-3, beta=0.04, epsilon=0.2, epsilon_high=0.28,
             loss_type="dapo", scale_rewards="group", max_new_tokens=8, temperature=1.0, top_p=0.95,
-            weight_decay=0.0, precision="32-true", seed=0, save_dtype="float32", progress=False)
+            weight_decay=0.0, precision="32-true", seed=0, save_dtype="float32", logprob_impl="plain", progress=False)
 
 
 def test_train_grpo_two_steps_writes_loadable_folder(tiny_model_dir, tmp_path):
@@ -265,3 +359,32 @@ def test_train_grpo_is_deterministic_for_a_seed(tiny_model_dir, tmp_path):
     assert a["history"][0]["reward"] == b["history"][0]["reward"]
     wa, wb = load_file(f"{tmp_path}/a/model.safetensors"), load_file(f"{tmp_path}/b/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_grpo_chunked_logprobs_train_like_plain(tiny_model_dir, tmp_path):
+    # Same seed, so the same completions; the chunked log-probs give the plain step's loss, kl, entropy and
+    # weights up to float rounding (beta != 0: the reference's log-probs are chunked too).
+    settings = dict(GRPO, temperature=0.7, micro_batch_size=3)
+    runs = {impl: train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / impl,
+                             **dict(settings, logprob_impl=impl))
+            for impl in ("plain", "chunked")}
+    for plain, chunked in zip(runs["plain"]["history"], runs["chunked"]["history"], strict=True):
+        assert chunked["reward"] == plain["reward"]
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
+            assert chunked[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    before = load_file(f"{tiny_model_dir}/model.safetensors")
+    plain, chunked = (load_file(f"{tmp_path}/{impl}/model.safetensors") for impl in ("plain", "chunked"))
+    assert any(not torch.equal(before[k], plain[k]) for k in before)
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_train_grpo_chunked_logprobs_run_under_bf16_autocast(tiny_model_dir, tmp_path):
+    # The conf's setting (bf16-mixed, chunked): the kernel gets autocast's float32 hidden states and weight.
+    # (Step 1's loss does not depend on the log-probs: the ratio is 1 and the policy is the reference.)
+    settings = dict(GRPO, steps=1, temperature=0.7, precision="bf16-mixed")
+    plain, chunked = (train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / impl,
+                                 **dict(settings, logprob_impl=impl))["history"][0]
+                      for impl in ("plain", "chunked"))
+    assert chunked["reward"] == plain["reward"]
+    assert chunked["entropy"] == pytest.approx(plain["entropy"], rel=1e-3)  # both from bf16 logits
