@@ -107,26 +107,31 @@ def multislerp(base, tensors, models: list[MultislerpModel], p: MultislerpParams
     if p.normalize_weights:
         w = w / w.sum()
     eps = p.eps
+    shape = x.shape[1:]
+    # In place where the values are the same: each [models, numel] temporary is a fresh allocation (page faults)
+    # as large as the inputs.
     norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
+    units = flat.div_(norms + eps)
+    scratch = units * w.view(-1, 1)
+    mean = scratch.sum(0)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
-        if x.shape[0] != 2:
+        if len(tensors) != 2:
             raise ValueError(
                 "multislerp: the weighted sum of the unit directions is zero (e.g. antipodal inputs a, -a with "
                 "equal weights); use different weights"
             )
-        res = (x[0] * w[0] + x[1] * w[1]).view(x.shape[1:])
+        x0, x1 = (t if base is None else t - base for t in tensors)  # x holds the unit vectors now
+        res = x0 * w[0] + x1 * w[1]
         return res if base is None else res + base
     mean = mean / mean_norm
-    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-    del units
-    v = (tangent * w.view(-1, 1)).sum(0)
-    del tangent
+    dots = torch.mul(units, mean, out=scratch).sum(-1, keepdim=True)
+    tangent = units.sub_(torch.mul(dots, mean, out=scratch))
+    v = torch.mul(tangent, w.view(-1, 1), out=scratch).sum(0)
+    del units, tangent, scratch, x, flat
     v_norm = torch.norm(v) + eps
     res = mean * torch.cos(v_norm) + v * (torch.sin(v_norm) / v_norm)
-    res = (res * (norms.squeeze(-1) * w).sum()).view(x.shape[1:])
+    res = (res * (norms.squeeze(-1) * w).sum()).view(shape)
     return res if base is None else res + base
 
 
