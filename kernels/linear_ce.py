@@ -98,6 +98,10 @@ def _backward_reference(grad_out, hidden, weight, bias, targets, lse, temperatur
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    # The matmuls in the dtype autograd's would use through the lm_head: autocast's, else the inputs'.
+    device = hidden.device.type
+    mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weight_mm = weight.to(mm_dtype)
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
         dz = _chunk_logits(hidden[sl], weight, bias, temperature)
@@ -105,14 +109,17 @@ def _backward_reference(grad_out, hidden, weight, bias, targets, lse, temperatur
         dz.scatter_add_(1, safe[sl, None], g[sl, None])  # + g at the target (0 for ignored rows)
         if need_b:
             grad_b += dz.sum(0)
-        d = dz.to(hidden.dtype)  # the matmuls in the inputs' dtype, as autograd's through lm_head
+        d = dz.to(mm_dtype)
         if need_h:
-            torch.mm(d, weight, out=grad_h[sl])
+            if mm_dtype == hidden.dtype:
+                torch.mm(d, weight_mm, out=grad_h[sl])
+            else:
+                grad_h[sl] = d @ weight_mm
         if need_w:
-            if d.dtype == torch.float32:
+            if mm_dtype == torch.float32:
                 grad_w.addmm_(d.t(), hidden[sl])  # no [V, H] temporary
             else:
-                grad_w += d.t() @ hidden[sl]  # each chunk's product rounded once, summed in float32
+                grad_w += d.t() @ hidden[sl].to(mm_dtype)  # each chunk's product rounded once, summed in float32
         del dz, d
     return grad_h, grad_w, grad_b
 
@@ -274,6 +281,10 @@ class _LinearLogprobs(torch.autograd.Function):
             logp, lse = _forward_reference(hidden, weight, bias, targets, temperature, ignore_index, chunk_size)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.args = (temperature, ignore_index, chunk_size, impl, blocks)
+        # Autograd runs backward outside autocast: recompute the logits and do the matmuls under the forward's
+        # autocast state, as autograd would through an autocast lm_head (bf16 matmuls are ~2x faster on CPU).
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.mark_non_differentiable(lse)
         return logp, lse
 
@@ -286,8 +297,10 @@ class _LinearLogprobs(torch.autograd.Function):
             gh, gw, gb = _backward_triton(grad_out, hidden, weight, bias, targets, lse, temperature,
                                           ignore_index, needs, blocks)
         else:
-            gh, gw, gb = _backward_reference(grad_out, hidden, weight, bias, targets, lse, temperature,
-                                             ignore_index, chunk_size, needs)
+            device, enabled, dtype = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                gh, gw, gb = _backward_reference(grad_out, hidden, weight, bias, targets, lse, temperature,
+                                                 ignore_index, chunk_size, needs)
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(bias.dtype)
         return gh, gw, gb, None, None, None, None, None, None
@@ -373,7 +386,11 @@ def shifted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     """Next-token loss of a causal LM from its last hidden states [B, T, H] and lm_head weight [V, H]:
     hidden[:, t] predicts labels[:, t + 1]; the mean over labels != ignore_index (0 if none).
 
-    Equals models.sft.masked_lm_loss(F.linear(hidden, weight, bias), labels) without the logits.
+    Equals models.sft.masked_lm_loss(F.linear(hidden, weight, bias), labels) without the logits. Only the
+    positions with a target are projected: in SFT most positions are prompt (about 87% in our data), whose
+    logits the loss never reads.
     """
-    return linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], bias=bias, ignore_index=ignore_index,
+    h, y = hidden[:, :-1], labels[:, 1:]
+    targets = y != ignore_index
+    return linear_cross_entropy(h[targets], weight, y[targets], bias=bias, ignore_index=ignore_index,
                                 reduction="mean", chunk_size=chunk_size)

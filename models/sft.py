@@ -264,7 +264,10 @@ def make_optimizer(params, *, lr: float, betas: tuple[float, float], weight_deca
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    # fused: one kernel per parameter group instead of a dozen elementwise ops per tensor (CPU and CUDA); ~0.2 s
+    # of a SmolLM2-135M step on CPU (bench/sft_vs_trl.py); float32 / bfloat16 parameters only.
+    fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
 
 
 def make_scheduler(optimizer, *, scheduler: str, warmup_ratio: float, total_steps: int):

@@ -289,7 +289,8 @@ def test_chunked_logprobs_give_the_plain_loss_gradients(sharp_model, model_and_t
     assert metrics == pytest.approx(plain_metrics, rel=1e-5, abs=1e-7)
     assert all(g.abs().sum() > 0 for g in plain_grads)
     for (name, _), got, want in zip(model.named_parameters(), grads, plain_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+        # atol: a sum over tokens reduces in another order on more threads (measured: 1 of 3.1M entries off by 2e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_completion_mask_stops_after_first_end_token():
