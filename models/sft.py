@@ -37,6 +37,7 @@ DMT and curriculum stages are data schedules over train_sft calls: models/sft_re
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -257,6 +258,27 @@ def reference_logps(reference_dir, examples: list[dict], *, max_length: int, len
 # ----------------------------------------------------------------------------------------------- module
 
 
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to release
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory that CPU tensors freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc serves allocations under 32 MB (most activations) from heaps it keeps after they are freed, so a CPU
+    step's peak RSS also held the previous phase's free memory: trimming before the backward and after the
+    optimizer step lowered SmolLM2's peak by 0.5 GB at no measurable time (bench/sft_vs_trl.py).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def make_optimizer(params, *, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (biases, norms and 1-D params are not decayed, as in HF/nanoGPT)."""
     params = [p for p in params if p.requires_grad]
@@ -344,8 +366,12 @@ class SFTModule(L.LightningModule):
         self.history, self.tokens, self.target_tokens = saved["history"], saved["tokens"], saved["target_tokens"]
         self.resumed_from_step = checkpoint["global_step"]
 
+    def on_before_backward(self, loss):
+        release_freed_memory()  # the forward's temporaries, before the backward's peak
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
+        release_freed_memory()
         # All micro-batches of this step have run (Lightning calls this after the last one).
         self.history.append(sum(self._pending) / len(self._pending))
         self._pending = []
