@@ -92,19 +92,25 @@ def pip(venv: Path, *args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def mergekit_venv() -> Path:
-    """mergekit's own venv (its pins need not agree with ours), created on first use."""
-    venv = cache_root() / "mergekit-venv"
-    marker = venv / f".installed-{MERGEKIT}-{TORCH}"
+def peer_venv(name: str, *requirements: str) -> Path:
+    """A peer tool's own venv under the cache (its pins need not agree with ours), created on first use.
+    `requirements` include TORCH, installed first: the CPU build on disk then satisfies the tool's torch
+    requirement (a plain one would pull a multi-GB CUDA build)."""
+    venv = cache_root() / name
+    marker = venv / f".installed-{'-'.join(requirements)}"
     if marker.exists():
         return venv
     shutil.rmtree(venv, ignore_errors=True)  # a half-built venv: start over (venvs cannot be moved into place)
     subprocess.run([PY, "-m", "venv", str(venv)], check=True)
-    pip(venv, TORCH)  # first: the CPU build on disk satisfies mergekit's torch requirement
-    pip(venv, MERGEKIT, TORCH)
+    pip(venv, TORCH)
+    pip(venv, *requirements)
     marker.write_text(subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], check=True,
                                      capture_output=True, text=True).stdout)
     return venv
+
+
+def mergekit_venv() -> Path:
+    return peer_venv("mergekit-venv", MERGEKIT, TORCH)
 
 
 def mergekit_methods(venv: Path) -> list[str]:

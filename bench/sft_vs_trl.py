@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +53,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, pip, sft_examples  # noqa: E402
+from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, peer_venv, sft_examples  # noqa: E402
 
 TRL = "trl==1.16.0"
 TORCH = "torch==2.13.0"
@@ -154,18 +153,7 @@ json.dump({"rss_before_train_mb": rss, "t0": t0, "train_s": train_s, "step_ends"
 
 
 def trl_venv() -> Path:
-    """TRL's own venv (its pins need not agree with ours), created on first use."""
-    venv = cache_root() / "trl-venv"
-    marker = venv / f".installed-{TRL}-{TORCH}-{'-'.join(TRL_PINS)}"
-    if marker.exists():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)  # a half-built venv: start over (venvs cannot be moved into place)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip(venv, TORCH)  # first: the CPU build on disk satisfies trl's (transformers', accelerate's) torch requirement
-    pip(venv, TRL, TORCH, *TRL_PINS)
-    marker.write_text(subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"], check=True,
-                                     capture_output=True, text=True).stdout)
-    return venv
+    return peer_venv("trl-venv", TRL, TORCH, *TRL_PINS)
 
 
 def base_model() -> Path:
