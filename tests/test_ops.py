@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -73,8 +74,10 @@ def test_dvc_repro_tiny(tmp_path):
     assert (repo / "dvc/merge/model.safetensors").exists() and (repo / "dvc/merge/config.json").exists()
     assert "Data and pipelines are up to date" in sh("dvc", "repro")
     # Changing a merge parameter reruns merge and what follows, nothing upstream.
-    params = (repo / "params.yaml").read_text().replace("method: linear", "method: ties")
-    (repo / "params.yaml").write_text(params.replace("normalize: true", "normalize: true\n    density: 0.5"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["merge"]["method"] = "ties"
+    params["merge"]["parameters"]["density"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc", "repro")
     assert "Running stage 'merge'" in out and "Running stage 'sft@arithmetic'" not in out
 
