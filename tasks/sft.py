@@ -60,4 +60,5 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     checkpoints = Store(job.store).scratch(job.stage, job.key)  # kept across crashes, deleted once sealed
     metrics = train_recipe(job.upstream["base"].path, stages, out, checkpoint_dir=checkpoints,
                            reference_dir=reference.path if cfg["loss"] == "poft" else None, **cfg, logger=logger)
-    return {"examples": len(examples), "stage_examples": [len(s) for s in stages], **metrics}
+    # "examples": the branch's teacher examples; each stage's metrics count what it trained on
+    return {**metrics, "examples": len(examples), "stage_examples": [len(s) for s in stages]}

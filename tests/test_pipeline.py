@@ -161,3 +161,20 @@ def test_unrunnable_merge_fails_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match=r"merge.method='slerp'.*exactly 2"):
         run(tmp_path, "merge.method=slerp", "+merge.parameters.t=0.5")
     assert not (tmp_path / "model").exists() and not (tmp_path / "mix").exists()
+
+
+def test_sft_recipe_and_poft_run_through_the_pipeline(store, first):
+    """Light-R1 curriculum stages with the PoFT loss against the teacher (here the student itself)."""
+    import math
+
+    summary = run(store, "sft.recipe=curriculum", "sft.hard_fraction=0.5", "sft.loss=poft",
+                  "sft.poft_reference=teacher")
+    for domain in ("arithmetic", "gcd", "lcm"):
+        rec = summary["stages"][f"sft/{domain}"]
+        assert rec["status"] == "computed"
+        meta = json.loads((Path(rec["path"]) / "_manifest.json").read_text())["meta"]
+        n = meta["examples"]
+        assert meta["stage_examples"] == [n, math.ceil(0.5 * n)] and len(meta["stages"]) == 2
+        # stage 1 starts from the reference itself: r_model == r_ref, loss ln 2
+        assert meta["stages"][0]["loss_history"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert not list((Path(store) / "sft").glob("*/.scratch-*"))  # checkpoints deleted once sealed
