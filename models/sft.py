@@ -346,16 +346,20 @@ class SFTModule(L.LightningModule):
         if self.loss_impl == "plain":
             return masked_lm_loss(self.model(**model_inputs(self.model, batch), use_cache=False).logits,
                                   batch["labels"])
-        hidden = self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
-        return shifted_linear_cross_entropy(hidden, self.model.get_output_embeddings().weight, batch["labels"])
+        return shifted_linear_cross_entropy(self.hidden(batch), self.model.get_output_embeddings().weight,
+                                            batch["labels"])
+
+    def hidden(self, batch) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H]: what the LM head would project."""
+        return self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
 
     def token_logps(self, batch) -> torch.Tensor:
         """target_logprobs of the batch under the model being trained, [B, T - 1]."""
         if self.loss_impl == "plain":
             return target_logprobs(self.model(**model_inputs(self.model, batch), use_cache=False).logits,
                                    batch["labels"])
-        hidden = self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
-        return chunked_linear_logprobs(hidden[:, :-1], self.model.get_output_embeddings().weight, batch["labels"][:, 1:])
+        return chunked_linear_logprobs(self.hidden(batch)[:, :-1], self.model.get_output_embeddings().weight,
+                                       batch["labels"][:, 1:])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["branchmerge"] = {"history": self.history, "tokens": self.tokens,

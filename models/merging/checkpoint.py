@@ -141,16 +141,20 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset, nbytes = self.place[name]
-        if shard not in self.fds:
-            fd = os.open(self._path(shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.write(fd, self.headers[shard])
-            self.fds[shard] = fd
+        self._open(shard)
         data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         if len(data) != nbytes:
             raise RuntimeError(f"tensor {name}: {len(data)} bytes to write, the plan has {nbytes}")
         start, done = len(self.headers[shard]) + offset, 0
         while done < nbytes:
             done += os.pwrite(self.fds[shard], data[done:], start + done)
+
+    def _open(self, shard: int) -> None:
+        """Create the shard's file with its header, once."""
+        if shard not in self.fds:
+            fd = os.open(self._path(shard), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, self.headers[shard])
+            self.fds[shard] = fd
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -160,10 +164,7 @@ class ShardWriter:
     def finish(self) -> list[str]:
         """Close the shards, name them, write the index when sharded; returns the file names."""
         for i in range(len(self.shards)):
-            if i not in self.fds:  # a shard of empty tensors only, or no tensor at all
-                fd = os.open(self._path(i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.write(fd, self.headers[i])
-                self.fds[i] = fd
+            self._open(i)  # a shard of empty tensors only was never written to
         self.close()
         n = len(self.shards)
         if n <= 1:
