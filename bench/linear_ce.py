@@ -4,7 +4,7 @@ forward + backward of the LM-head loss at SmolLM2-like shapes.
     .venv/bin/python bench/linear_ce.py [--tokens 4096] [--hidden 576] [--vocab 49152] [--dtype float32]
                                         [--chunk-size 256] [--impls plain,chunked] [--repeats N]
 
-plain: F.cross_entropy(F.linear(h, W).float(), t) (what models.sft.masked_lm_loss does on the model's logits);
+plain: F.cross_entropy(F.linear(h, W).float(), t) (what models.training.sft.masked_lm_loss does on the model's logits);
 chunked: the PyTorch reference, chunk_size tokens at a time; triton: the fused kernel (CUDA only); liger:
 liger-kernel's fused linear cross-entropy (CUDA, when installed). Each implementation runs in a fresh
 subprocess. Memory on CPU: the process's peak RSS (ru_maxrss) minus its RSS just before the call, so the

@@ -65,7 +65,7 @@ print(json.dumps({"rc": p.returncode, "seconds": seconds,
 """
 OURS = """
 import json, sys
-from models.merging import run_merge
+from models.merging.run import run_merge
 run_merge(json.load(open(sys.argv[1])), sys.argv[2], seed=0, overwrite=True)
 """
 MERGEKIT_METHODS = """
@@ -81,7 +81,7 @@ print(json.dumps(sorted(names)))
 
 
 def cache_root() -> Path:
-    from models.hf import cache_root as root  # $BRANCHMERGE_CACHE or ~/.cache/branchmerge
+    from models.cache import cache_root as root  # $BRANCHMERGE_CACHE or ~/.cache/branchmerge
 
     return root()
 
@@ -121,7 +121,7 @@ def mergekit_methods(venv: Path) -> list[str]:
 
 def sft_examples(domain: str, size: int) -> list[dict]:
     """One-shot prompts of the domain with the gold answer, worked, as the completion."""
-    from models import domains
+    from models.data import domains
 
     data = yaml.safe_load((ROOT / "conf/data/reasoning_gym.yaml").read_text())
     tasks = data["domains"][domain]["tasks"]
@@ -133,12 +133,12 @@ def sft_examples(domain: str, size: int) -> list[dict]:
 
 def prepare_models() -> tuple[Path, list[Path]]:
     """The base (materialized SmolLM2, fp32) and one fine-tune per domain, built once and cached."""
-    from models.hf import atomic_dir, publish_dir
+    from models.lm.hf import atomic_dir, publish_dir
 
     folder = cache_root() / "bench" / "merge_vs_mergekit"
     base = folder / "base"
     if not (base / "config.json").exists():
-        from models.hf import materialize_model
+        from models.lm.hf import materialize_model
 
         source = yaml.safe_load((ROOT / "conf/student/smollm2.yaml").read_text())["source"]
         tmp = atomic_dir(base)
@@ -150,7 +150,7 @@ def prepare_models() -> tuple[Path, list[Path]]:
         fts.append(ft)
         if (ft / "config.json").exists():
             continue
-        from models.sft import train_sft
+        from models.training.sft import train_sft
 
         sft = yaml.safe_load((ROOT / "conf/sft/full.yaml").read_text())
         sft = {k: v for k, v in sft.items() if k in inspect.signature(train_sft).parameters}  # not the recipe keys
@@ -319,7 +319,7 @@ def random_tensors(method: str):
 
 def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Path], work: Path, repeats: int,
                  env: dict, keep: bool) -> dict:
-    from models.merging import validate_config
+    from models.merging.config import validate_config
 
     validate_config(config)  # a config ours rejects fails here, before any timing
     d = work / method
@@ -396,7 +396,7 @@ def print_table(rows: list[dict]) -> None:
 
 def startup(venv: Path, repeats: int, env: dict) -> tuple[float, float]:
     """Each tool's fixed cost per run: importing our merge package; mergekit-yaml's CLI start-up (--help)."""
-    ours = [measured([PY, "-c", "import models.merging"], env)["seconds"] for _ in range(repeats)]
+    ours = [measured([PY, "-c", "import models.merging.run"], env)["seconds"] for _ in range(repeats)]
     theirs = [measured([str(venv / "bin" / "mergekit-yaml"), "--help"], env)["seconds"] for _ in range(repeats)]
     return statistics.median(ours), statistics.median(theirs)
 
@@ -409,7 +409,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    from models.merging import method_names
+    from models.merging.registry import method_names
 
     venv = mergekit_venv()
     ours, theirs = set(method_names()), set(mergekit_methods(venv))
@@ -428,7 +428,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="merge-vs-mergekit-", dir=cache_root() / "bench"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
     ours_start, mergekit_start = startup(venv, args.repeats, env)
-    print(f"start-up per run: ours (import models.merging) {ours_start:.2f} s, mergekit (mergekit-yaml --help) "
+    print(f"start-up per run: ours (import models.merging.run) {ours_start:.2f} s, mergekit (mergekit-yaml --help) "
           f"{mergekit_start:.2f} s", flush=True)
     rows = []
     for method in methods:

@@ -1,4 +1,4 @@
-"""Our SFT (models.sft.train_sft, Lightning) vs TRL's SFTTrainer on SmolLM2-135M-Instruct: tokens/s, peak RSS.
+"""Our SFT (models.training.sft.train_sft, Lightning) vs TRL's SFTTrainer on SmolLM2-135M-Instruct: tokens/s, peak RSS.
 
     flock /tmp/bm_cpu.lock .venv/bin/python bench/sft_vs_trl.py [--steps 20] [--batch-size 8] [--max-length 256]
         [--seed 0] [--repeats 1] [--ours [KEY=VALUE ...]]... [--trl [KEY=VALUE ...]]... [--out results.json]
@@ -96,7 +96,7 @@ def timed_fit(self, *args, **kwargs):  # train_sft's wall_time_s also holds toke
 
 
 L.Trainer.fit = timed_fit
-from models.sft import SFTModule, train_sft
+from models.training.sft import SFTModule, train_sft
 
 optimizer_step = SFTModule.optimizer_step
 
@@ -158,7 +158,7 @@ def trl_venv() -> Path:
 
 def base_model() -> Path:
     """merge_vs_mergekit.py's fp32 SmolLM2 base folder, built here if that bench has not run yet."""
-    from models.hf import atomic_dir, materialize_model, publish_dir
+    from models.lm.hf import atomic_dir, materialize_model, publish_dir
 
     base = cache_root() / "bench" / "merge_vs_mergekit" / "base"
     if not (base / "config.json").exists():
@@ -202,7 +202,7 @@ def ours_settings(overrides: dict, shared: dict) -> tuple[dict, dict]:
     base, the model trained (poft_reference=base)."""
     import inspect
 
-    from models.sft import train_sft
+    from models.training.sft import train_sft
 
     clash = SHARED & set(overrides)
     if clash:

@@ -1,13 +1,12 @@
 """The Branch-Merge flow: mix -> teacher -> sft[branch] x N -> merge -> rl -> eval -> report.
 
-Read top to bottom: each stage is planned (its cache key from its config and its inputs' digests), run as one
-Prefect task run (reused when its artifact is intact), tracked as one nested MLflow run, and recorded in the
-run summary. Everything heavy lives in tasks/ and models/; this file only wires them.
+Read top to bottom: the stage graph comes from tasks/registry.py; every job whose inputs exist is planned (its
+cache key from its settings and its inputs' digests) and submitted as one Prefect task run, a wave at a time;
+each is tracked as one nested MLflow run and recorded in the run summary. Everything heavy lives in tasks/ and
+models/; this file only wires them.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import os
 import time
@@ -28,38 +27,37 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from flows.config import compose  # noqa: E402
 from flows.schema import PipelineConfig  # noqa: E402
 from flows.tracking import Tracker  # noqa: E402
-from tasks import eval as eval_stage  # noqa: E402
-from tasks import merge, mix, model, report, rl, sft, teacher  # noqa: E402
 from tasks.common import Job, execute, write_json  # noqa: E402
-from tasks.store import ArtifactRef, Store, stable_hash  # noqa: E402
+from tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
+from tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
 
 log = logging.getLogger("branchmerge")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
 
 
 def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | None:
-    """Prefect's cache key is the artifact key, but only while the artifact is intact: a missing or corrupt
-    artifact yields no key, so the task runs and rebuilds it instead of returning a stale reference."""
+    """Prefect's cache key: the artifact's key *and its verified digest* in this store. A missing or corrupt
+    artifact yields no key (the task runs and rebuilds it); a rebuilt one has a new digest, so the reference
+    Prefect hands back is always the one the store holds now, never an older one."""
     job: Job = inputs["job"]
-    store = Store(job.store)
-    if job.refresh or not store.is_valid(job.stage, job.key):
+    if job.refresh:
         return None
-    # Prefect's result records are shared by every store under one PREFECT_HOME: the same artifact key in
-    # another store (a sweep's, a test's) must not answer for this one.
-    return f"{job.stage.replace('/', '-')}-{job.key}-{stable_hash(str(store.root))[:12]}"
+    ref = Store(job.store).load(job.stage, job.key)
+    if ref is None:
+        return None
+    # Prefect's result records are shared by every store under one PREFECT_HOME: the store is in the key too.
+    return f"{job.stage.replace('/', '-')}-{job.key}-{ref.digest[:16]}-{stable_hash(str(Path(job.store).resolve()))[:12]}"
 
 
 @task(cache_key_fn=artifact_cache_key, persist_result=True, cache_result_in_memory=False)
-def run_stage(job: Job, module: str, mlflow_run: Future | None = None, tracking_uri: str | None = None
+def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_uri: str | None = None
               ) -> ArtifactRef:
-    """One stage as one Prefect task run; `module` names the tasks/ module whose `build` does the work."""
-    build = importlib.import_module(module).build
-    if "logger" not in inspect.signature(build).parameters:
-        return execute(job, build)
+    """One artifact as one Prefect task run: the stage's build, through the store (tasks/common.execute)."""
+    build = REGISTRY[stage].module.build
 
     def build_with_logger(job: Job, out: Path) -> dict[str, Any]:
         logger = None
-        if mlflow_run is not None:  # imported only when training really runs: lightning costs seconds to import
+        if mlflow_run is not None and stage in ("sft", "rl"):  # lightning costs seconds to import: only to train
             from lightning.pytorch.loggers import MLFlowLogger
 
             logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run.result())
@@ -74,20 +72,20 @@ class Stages:
     def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: ThreadPoolTaskRunner):
         self.cfg, self.tracker, self.runner = cfg, tracker, runner
         self.records: dict[str, dict[str, Any]] = {}
-        self.pending: dict[str, tuple[Any, Future | None, float]] = {}
+        self.pending: dict[tuple[str, str], tuple[Any, Future | None, float]] = {}
 
-    def submit(self, job: Job, module: str):
-        if job.stage in self.pending:  # e.g. teacher model == student model: one artifact, one task run
-            return self.pending[job.stage][0]
+    def submit(self, stage: Stage, job: Job):
+        slot = (job.stage, job.key)
+        if slot in self.pending:  # e.g. teacher model == student model: one artifact, one task run
+            return
         run_id = self.tracker.stage_run(job.stage, job.config)
         future = self.runner.submit(run_stage.with_options(task_run_name=job.stage),
-                                    {"job": job, "module": module, "mlflow_run": run_id,
+                                    {"job": job, "stage": stage.name, "mlflow_run": run_id,
                                      "tracking_uri": self.cfg.tracking.tracking_uri})
-        self.pending[job.stage] = (future, run_id, time.perf_counter())
-        return future
+        self.pending[slot] = (future, run_id, time.perf_counter())
 
     def result(self, job: Job) -> ArtifactRef:
-        future, run_id, t0 = self.pending[job.stage]
+        future, run_id, t0 = self.pending[(job.stage, job.key)]
         ref: ArtifactRef = future.result()
         if future.state.name == "Cached":
             ref = ref.model_copy(update={"status": "reused"})
@@ -98,14 +96,22 @@ class Stages:
                                        "key": ref.key, "seconds": round(ref.seconds, 3)}
         return ref
 
-    def run(self, job: Job, module: str) -> ArtifactRef:
-        self.submit(job, module)
-        return self.result(job)
 
-    def run_all(self, jobs: dict[str, Job], module: str) -> dict[str, ArtifactRef]:
-        for job in jobs.values():
-            self.submit(job, module)
-        return {name: self.result(job) for name, job in jobs.items()}
+def run_stages(cfg: PipelineConfig, stages: Stages) -> dict[str, ArtifactRef]:
+    """Every artifact of the graph, by name: each wave submits every job whose inputs exist, then waits for them."""
+    todo = [(stage, item) for stage in STAGES for item in stage.items(cfg)]
+    refs: dict[str, ArtifactRef] = {}
+    while todo:
+        wave = [(stage, item) for stage, item in todo if all(n in refs for n in stage.module.needs(cfg, item))]
+        if not wave:
+            raise RuntimeError(f"stage graph: nothing can run; waiting: {[s.artifact(i) for s, i in todo]}")
+        jobs = {stage.artifact(item): (stage, stage.module.plan(cfg, item, refs)) for stage, item in wave}
+        for stage, job in jobs.values():
+            stages.submit(stage, job)
+        for name, (stage, job) in jobs.items():
+            refs[name] = stages.result(job)
+        todo = [t for t in todo if t not in wave]
+    return refs
 
 
 def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
@@ -127,73 +133,28 @@ def branchmerge(config: PipelineConfig | None = None, overrides: list[str] | Non
     tracker.start(cfg.run.name, cfg.model_dump(), {"overrides": " ".join(overrides or [])})
     try:
         with task_runner_for(cfg) as runner:
-            report_ref, teacher_ref, stages = run_stages(cfg, tracker, Stages(cfg, tracker, runner))
-    except BaseException:
-        tracker.finish({}, [], status="FAILED")
+            stages = Stages(cfg, tracker, runner)
+            refs = run_stages(cfg, stages)
+    except BaseException as err:
+        tracker.finish({}, [], status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    return finish(cfg, stages, tracker, report_ref, teacher_ref, started)
+    return finish(cfg, stages, tracker, refs, started)
 
 
-def run_stages(cfg: PipelineConfig, tracker: Tracker, stages: Stages) -> tuple[ArtifactRef, ArtifactRef, Stages]:
-    logger = get_run_logger()
-    store, refresh = cfg.run.store, set(cfg.run.refresh)
-
-    def fresh(stage: str) -> bool:
-        return stage in refresh
-
-    # Data: prompt pools per domain, shots, clusters and weights.
-    mix_job = mix.plan(cfg.data.model_dump(), store, fresh("mix"))
-    if not Store(store).is_valid(mix_job.stage, mix_job.key):
-        # Expensive work lies ahead: a merge config that cannot run must fail now, not after training.
-        merge.check(cfg.merge.model_dump(), list(cfg.data.domains))
-
-    # Models: the student's base folder and the teacher's (one artifact if they are the same model).
-    base_job = model.plan(cfg.student.model_dump(), store, fresh("model"))
-    teacher_model_job = model.plan(cfg.teacher.model.model_dump(), store, fresh("model"))
-    stages.submit(base_job, "tasks.model")
-    stages.submit(teacher_model_job, "tasks.model")
-    mix_ref = stages.run(mix_job, "tasks.mix")
-    base_ref, teacher_model_ref = stages.result(base_job), stages.result(teacher_model_job)
-
-    # Teacher: sample, verify, keep.
-    teacher_ref = stages.run(teacher.plan(cfg.teacher.model_dump(), cfg.run.seed, mix_ref, teacher_model_ref,
-                                          store, fresh("teacher")), "tasks.teacher")
-    logger.info("teacher pass rates: %s", teacher_ref.meta.get("domains"))
-
-    # Branches: one SFT run per domain, all from the same base.
-    branches = stages.run_all({d: sft.plan(cfg.sft.model_dump(), d, cfg.run.seed, base_ref, teacher_ref, store,
-                                           fresh("sft"), teacher_model=teacher_model_ref)
-                               for d in cfg.data.domains}, "tasks.sft")
-
-    # Merge the branches onto the base, then refine with RL.
-    merged_ref = stages.run(merge.plan(cfg.merge.model_dump(), cfg.run.seed, base_ref, branches, store,
-                                       fresh("merge")), "tasks.merge")
-    models = {"base": base_ref} | {f"branch/{d}": ref for d, ref in branches.items()} | {"merged": merged_ref}
-    if cfg.rl.enabled:
-        models["rl"] = stages.run(rl.plan(cfg.rl.model_dump(), cfg.run.seed, merged_ref, mix_ref, store,
-                                          fresh("rl")), "tasks.rl")
-
-    # Evaluate every model on the held-out prompts, then one report.
-    evals = stages.run_all({name: eval_stage.plan(cfg.eval.model_dump(), name, ref, mix_ref, store, fresh("eval"))
-                            for name, ref in models.items()}, "tasks.eval")
-    report_ref = stages.run(report.plan(evals, store, fresh("report")), "tasks.report")
-    return report_ref, teacher_ref, stages
-
-
-def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, report_ref: ArtifactRef,
-           teacher_ref: ArtifactRef, started: float) -> dict[str, Any]:
-    from models.report import results_table_plain, table_rows
+def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str, ArtifactRef],
+           started: float) -> dict[str, Any]:
+    from models.eval.report import results_table_plain, table_rows
 
     logger = get_run_logger()
+    report_ref = refs["report"]
     results = report_ref.meta["results"]
     table = results_table_plain(results)
     markdown = (Path(report_ref.path) / "results.md").read_text()
-    run_dir = Path(cfg.run.store) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.run.name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = unique_run_dir(Path(cfg.run.store) / "runs", cfg.run.name)
     overall = {name: sum(scores.values()) / len(scores) for name, scores in results.items()}
     summary = {"name": cfg.run.name, "seconds": round(time.perf_counter() - started, 3),
                "stages": stages.records, "results": results, "overall": overall,
-               "teacher": teacher_ref.meta.get("domains"), "report": report_ref.path,
+               "teacher": refs["teacher"].meta.get("domains"), "report": report_ref.path,
                "mlflow_run_id": tracker.parent_id, "config": cfg.model_dump()}
     summary_path = run_dir / "summary.json"
     write_json(summary_path, summary)

@@ -16,12 +16,14 @@ from flows.schema import ConfigError, validate
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        config = validate(to_dict(cfg))
+        config = validate(to_dict(cfg, overrides))
     except ConfigError as err:
         print(err, file=sys.stderr)
         raise SystemExit(2) from None
-    from hydra.core.hydra_config import HydraConfig
 
     from flows.pipeline import branchmerge
     from flows.tracking import preload
@@ -29,7 +31,6 @@ def main(cfg: DictConfig) -> float:
     if config.tracking.enabled:
         preload(config.tracking.tracking_uri, config.tracking.experiment)  # overlaps Prefect's start-up
 
-    overrides = list(HydraConfig.get().overrides.task)
     result = branchmerge(config=config, overrides=overrides)
     print("\n" + result["table"])
     print(f"report:  {result['report']}/results.md (+ results.png)")

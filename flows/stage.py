@@ -1,10 +1,12 @@
-"""Single-stage CLI for DVC: `python -m flows.stage <stage> --out DIR` runs one stage from params.yaml.
+"""Single-stage CLI for DVC: `python -m flows.stage <stage> [--item I] --out DIR` runs one stage from params.yaml.
 
-dvc.yaml calls this for every stage, so `dvc repro` and `dvc exp run -S merge.method=ties` rebuild any artifact
-without Prefect. Upstream artifacts are read from the upstream stages' DVC outputs (each carries its manifest
-and digest), so the cache keys equal the flow's: a stage the flow already built is copied, not recomputed.
+dvc.yaml calls this for every stage of tasks/registry.py, so `dvc repro` and `dvc exp run -S merge.method=ties`
+rebuild any artifact without Prefect. Upstream artifacts are read from the upstream stages' DVC outputs
+(dvc/<artifact name>, each carrying its manifest), verified like the store verifies, so the cache keys equal
+the flow's: a stage the flow already built is copied, not recomputed.
 
     python -m flows.stage params experiment=tiny     # compose conf/ -> params.yaml (what DVC's hydra mode does)
+    python -m flows.stage dvc.yaml                   # regenerate dvc.yaml from the registry (deps = code closures)
     python -m flows.stage mix --out dvc/mix
 """
 from __future__ import annotations
@@ -20,23 +22,23 @@ import yaml
 
 from flows.config import compose
 from flows.schema import ConfigError, PipelineConfig, validate
-from tasks import eval as eval_stage
-from tasks import merge, mix, model, report, rl, sft, teacher
-from tasks.common import Job, execute
-from tasks.store import MANIFEST, ArtifactRef
+from tasks.code import ROOT, closure
+from tasks.common import execute
+from tasks.registry import REGISTRY, STAGES, Stage
+from tasks.store import ArtifactRef, verified_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-STAGES = ("model", "mix", "teacher", "sft", "merge", "rl", "eval")
+DVC_ROOT = Path("dvc")  # every stage's output lives at dvc/<artifact name>
+REGENERATE = "python -m flows.stage dvc.yaml"
 
 
-def ref_from_dir(path: str | Path) -> ArtifactRef:
-    """An upstream DVC output as an ArtifactRef; refuses folders that are not sealed artifacts."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"{path}: not a branchmerge artifact (no readable {MANIFEST}): run its stage first") from err
-    return ArtifactRef(stage=manifest["stage"], key=manifest["key"], path=str(Path(path).resolve()),
-                       digest=manifest["digest"], status="reused", meta=manifest.get("meta", {}))
+def ref_from_dir(path: Path) -> ArtifactRef:
+    """An upstream DVC output as an ArtifactRef; refuses folders that are not intact sealed artifacts."""
+    manifest = verified_manifest(path)
+    if manifest is None:
+        raise SystemExit(f"{path}: not an intact branchmerge artifact (missing, edited or unsealed): run its stage")
+    return ArtifactRef(stage=manifest["stage"], key=manifest["key"], path=str(path.resolve()),
+                       digest=manifest["digest"], status="reused", meta=manifest["meta"])
 
 
 def publish(ref: ArtifactRef, out: Path) -> None:
@@ -54,45 +56,49 @@ def publish(ref: ArtifactRef, out: Path) -> None:
     shutil.copytree(ref.path, out, copy_function=link)
 
 
-def plan(cfg: PipelineConfig, stage: str, args: argparse.Namespace) -> tuple[Job, str]:
-    store, up = cfg.run.store, args.upstream
-    if stage == "model":
-        spec = cfg.student if args.role == "student" else cfg.teacher.model
-        return model.plan(spec.model_dump(), store, False), "tasks.model"
-    if stage == "mix":
-        return mix.plan(cfg.data.model_dump(), store, False), "tasks.mix"
-    if stage == "teacher":
-        return teacher.plan(cfg.teacher.model_dump(), cfg.run.seed, ref_from_dir(up / "mix"),
-                            ref_from_dir(up / "model/teacher"), store, False), "tasks.teacher"
-    if stage == "sft":
-        teacher_model = ref_from_dir(up / "model/teacher") if (up / "model/teacher").exists() else None
-        return sft.plan(cfg.sft.model_dump(), args.branch, cfg.run.seed, ref_from_dir(up / "model/student"),
-                        ref_from_dir(up / "teacher"), store, False, teacher_model=teacher_model), "tasks.sft"
-    if stage == "merge":
-        branches = {d: ref_from_dir(up / "sft" / d) for d in cfg.data.domains}
-        return merge.plan(cfg.merge.model_dump(), cfg.run.seed, ref_from_dir(up / "model/student"), branches,
-                          store, False), "tasks.merge"
-    if stage == "rl":
-        return rl.plan(cfg.rl.model_dump(), cfg.run.seed, ref_from_dir(up / "merge"), ref_from_dir(up / "mix"),
-                       store, False), "tasks.rl"
-    raise SystemExit(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+def run(cfg: PipelineConfig, stage: Stage, item: str, upstream: Path, out: Path) -> ArtifactRef:
+    refs = {name: ref_from_dir(upstream / name) for name in stage.module.needs(cfg, item)}
+    ref = execute(stage.module.plan(cfg, item, refs), lambda job, tmp: stage.module.build(job, tmp, logger=None))
+    publish(ref, out)
+    print(f"{stage.artifact(item)}: {ref.status} {ref.path} -> {out}")
+    return ref
 
 
-def run_eval(cfg: PipelineConfig, args: argparse.Namespace) -> ArtifactRef:
-    """All evaluations and the report as one DVC stage: its output is the report folder."""
-    import importlib
+# ----------------------------------------------------------------------------------------------- dvc.yaml
 
-    up = args.upstream
-    models = {"base": ref_from_dir(up / "model/student")}
-    models |= {f"branch/{d}": ref_from_dir(up / "sft" / d) for d in cfg.data.domains}
-    models["merged"] = ref_from_dir(up / "merge")
-    if cfg.rl.enabled:
-        models["rl"] = ref_from_dir(up / "rl")
-    mix_ref = ref_from_dir(up / "mix")
-    build = importlib.import_module("tasks.eval").build
-    evals = {name: execute(eval_stage.plan(cfg.eval.model_dump(), name, ref, mix_ref, cfg.run.store, False), build)
-             for name, ref in models.items()}
-    return execute(report.plan(evals, cfg.run.store, False), report.build)
+
+def dvc_yaml() -> str:
+    """dvc.yaml for the registry: one DVC stage per stage (`foreach` where the stage has one), its upstream
+    outputs and its code closure as deps, its config sections as params."""
+    header = ("# Generated by `python -m flows.stage dvc.yaml` from tasks/registry.py: do not edit by hand.\n"
+              "# The flow's stages for DVC, each through the single-stage CLI (flows/stage.py) with params composed\n"
+              "# from conf/ (`python -m flows.stage params experiment=tiny && dvc repro`, or\n"
+              "# `dvc config hydra.enabled true` then `dvc exp run -S merge.method=ties`). Outputs carry their\n"
+              "# manifests, so cache keys equal the Prefect flow's and both share the artifact store.\n")
+    stages = {}
+    for stage in STAGES:
+        deps = [f"dvc/{name}" for name in stage.upstreams]
+        deps += ["conf/merge/recipes"] if stage.name == "merge" else []  # a recipe file's content
+        deps += [p.relative_to(ROOT).as_posix() for p in closure(stage.module.__name__)]
+        out, cmd = f"dvc/{stage.name}", f"python -m flows.stage {stage.name}"
+        if stage.dvc_foreach:  # DVC names the loop variable ${item} over a list, ${key} over a mapping
+            var = "${item}" if stage.dvc_foreach.startswith("[") else "${key}"
+            out, cmd = f"{out}/{var}", f"{cmd} --item {var}"
+        body = {"cmd": f"{cmd} --out {out}", "deps": deps}
+        if stage.params:
+            body["params"] = list(stage.params)
+        body["outs"] = [out]
+        if stage.name == "report":
+            body["cmd"] += " --metrics dvc/metrics.json"
+            body["metrics"] = [{"dvc/metrics.json": {"cache": False}}]
+        if stage.dvc_foreach:
+            foreach = yaml.safe_load(stage.dvc_foreach) if stage.dvc_foreach.startswith("[") else stage.dvc_foreach
+            body = {"foreach": foreach, "do": body}
+        stages[stage.name] = body
+    return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,36 +112,41 @@ def main(argv: list[str] | None = None) -> int:
         Path("params.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
         print("wrote params.yaml")
         return 0
+    if argv[:1] == ["dvc.yaml"]:
+        (ROOT / "dvc.yaml").write_text(dvc_yaml())
+        print(f"wrote {ROOT / 'dvc.yaml'}")
+        return 0
 
     parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--out", type=Path, required=True, help="DVC output folder of this stage")
+    parser.add_argument("stage", choices=list(REGISTRY))
+    parser.add_argument("--out", type=Path, required=True,
+                        help="DVC output folder (for a stage with items and no --item: one subfolder per item)")
+    parser.add_argument("--item", help="the item to build (model: student|teacher; sft: a domain)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--upstream", type=Path, default=Path("dvc"), help="folder holding upstream DVC outputs")
-    parser.add_argument("--branch", help="sft: the domain to train")
-    parser.add_argument("--metrics", type=Path, help="eval: also write pass@1 per model and domain here (DVC metrics)")
-    parser.add_argument("--role", choices=("student", "teacher"), default="student", help="model: which model")
+    parser.add_argument("--upstream", type=Path, default=DVC_ROOT, help="folder holding upstream DVC outputs")
+    parser.add_argument("--metrics", type=Path, help="report: also write pass@1 per model and domain here")
     args = parser.parse_args(argv)
     try:
         cfg = validate(yaml.safe_load(args.params.read_text()))
     except ConfigError as err:
         print(f"{args.params}: {err}", file=sys.stderr)
         return 2
-    if args.stage == "sft" and args.branch not in cfg.data.domains:
-        print(f"--branch {args.branch!r}: allowed: {', '.join(cfg.data.domains)}", file=sys.stderr)
+    stage = REGISTRY[args.stage]
+    items = stage.items(cfg)
+    if args.item is not None and args.item not in items:
+        print(f"--item {args.item!r}: allowed for {stage.name}: {', '.join(items) or 'none'}", file=sys.stderr)
         return 2
-    if args.stage == "eval":
-        ref = run_eval(cfg, args)
+    if args.item is not None or items == [""]:
+        ref = run(cfg, stage, args.item or "", args.upstream, args.out)
+    elif not items:  # a disabled stage (rl.enabled=false): an empty output, so DVC's graph still holds
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"{stage.name}: disabled, nothing to build")
     else:
-        import importlib
-
-        job, module = plan(cfg, args.stage, args)
-        ref = execute(job, importlib.import_module(module).build)
-    publish(ref, args.out)
-    if args.stage == "eval" and args.metrics:
+        for item in items:
+            ref = run(cfg, stage, item, args.upstream, args.out / item)
+    if args.metrics:
         args.metrics.write_text(json.dumps(ref.meta["results"], indent=2) + "\n")
-    print(f"{args.stage}: {ref.status} {ref.path} -> {args.out}")
     return 0
 
 

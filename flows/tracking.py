@@ -5,10 +5,15 @@ Prefect's worker threads. Every MLflow call goes through one background writer t
 MLflow and opening its store costs seconds and each SQLite write tens of milliseconds, and none of that should
 sit on the pipeline's critical path (a fully cached rerun would otherwise spend more time logging than running).
 `finish` waits for the writer, so a returned run is completely logged.
+
+Runs never stay RUNNING: a failed or interrupted flow ends its parent and every open stage run FAILED or KILLED,
+and a process killed outright (SIGKILL, power loss) has its runs ended KILLED by the next pipeline run that
+starts on the same host (each run is tagged with its host and process).
 """
 from __future__ import annotations
 
 import os
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -46,6 +51,40 @@ def _flat(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def process_token(pid: int) -> str:
+    """pid plus the process's start time (Linux /proc): a pid reused by a later process reads differently."""
+    try:
+        start = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid}:{start}"
+
+
+def alive(token: str) -> bool:
+    pid = int(token.split(":", 1)[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return process_token(pid) == token or token.endswith(":?")
+
+
+def end_orphaned_runs(client, experiment_id: str) -> list[str]:
+    """End KILLED the RUNNING runs this host's dead pipeline processes left behind; returns their ids."""
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                              f"tags.`branchmerge.host` = '{host}'", max_results=1000)
+    ended = []
+    for run in runs:
+        token = run.data.tags.get("branchmerge.process")
+        if token and not alive(token):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 class Tracker:
     """No-op when disabled, so the pipeline code never branches on tracking."""
 
@@ -53,6 +92,8 @@ class Tracker:
         self.enabled = enabled
         self.parent_id: str | None = None
         self.uri = tracking_uri
+        self.owner = {"branchmerge.host": socket.gethostname(), "branchmerge.process": process_token(os.getpid())}
+        self.open_runs: dict[int, Future] = {}  # stage runs not finished yet
         if enabled:
             preload(tracking_uri, experiment)
             self._writer, self._connection = _WRITERS[(tracking_uri, experiment)]
@@ -69,7 +110,8 @@ class Tracker:
             return
 
         def create(client, experiment_id):
-            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+            end_orphaned_runs(client, experiment_id)
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags | self.owner)
             self.parent_id = run.info.run_id
             _log(client, self.parent_id, params=_flat("", config, {}))
 
@@ -81,16 +123,19 @@ class Tracker:
             return None
 
         def create(client, experiment_id):
-            run = client.create_run(experiment_id, run_name=name,
-                                    tags={"mlflow.parentRunId": self.parent_id, "stage": name.split("/")[0]})
+            run = client.create_run(experiment_id, run_name=name, tags={
+                "mlflow.parentRunId": self.parent_id, "stage": name.split("/")[0]} | self.owner)
             _log(client, run.info.run_id, params=_flat("", config, {}))
             return run.info.run_id
 
-        return self._submit(create)
+        future = self._submit(create)
+        self.open_runs[id(future)] = future
+        return future
 
     def finish_stage(self, run: Future | None, ref: ArtifactRef) -> None:
         if run is None:
             return
+        self.open_runs.pop(id(run), None)
         metrics = {k: float(v) for k, v in _flat("", ref.meta, {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["seconds"] = ref.seconds
@@ -104,10 +149,14 @@ class Tracker:
         self._submit(close)
 
     def finish(self, metrics: dict[str, float], artifacts: list[str], status: str = "FINISHED") -> None:
+        """End the parent run with `status`; stage runs still open (a failed or interrupted flow) end with it."""
         if not self.enabled:
             return
+        unfinished, self.open_runs = list(self.open_runs.values()), {}
 
         def close(client, experiment_id):
+            for run in unfinished:
+                client.set_terminated(run.result(), status=status)
             if self.parent_id is None:
                 return
             _log(client, self.parent_id, metrics=metrics)

@@ -21,11 +21,11 @@ whole, in the forward pass or the backward:
 
 Semantics. `chunked_linear_logprobs(h [..., H], W [V, H], t [...])` = log softmax((h W^T + b) / T)[t] in
 float32, shaped like t; positions where t == ignore_index (-100) give 0 and get no gradient. This is
-models.grpo.logprobs_from_logits(h @ W^T, t, T) (selective log-probs for RL) without the logits.
+models.training.grpo.logprobs_from_logits(h @ W^T, t, T) (selective log-probs for RL) without the logits.
 `linear_cross_entropy` = F.cross_entropy(h W^T + b, labels, ignore_index, reduction) in float32; "mean" is
 over the non-ignored labels and is 0 (not NaN) when there are none. It takes already-shifted pairs (hidden
 at position t with the label of position t + 1); `shifted_linear_cross_entropy(h [B, T, H], W, labels [B, T])`
-does the shift and equals models.sft.masked_lm_loss(lm_head(h), labels).
+does the shift and equals models.training.sft.masked_lm_loss(lm_head(h), labels).
 
 Numerics. float32 inputs: the reference equals the plain computation to float32 rounding (~1e-6). bfloat16 /
 float16 inputs: the reference rounds each chunk's logits to the inputs' dtype, as the model's lm_head does;
@@ -43,9 +43,7 @@ import torch
 import torch.nn.functional as F
 
 # Re-exported: tests and callers ask this module which backend runs.
-from kernels.dispatch import (  # noqa: F401
-    ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available,
-)
+from kernels.dispatch import ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available  # noqa: F401
 
 Reduction = Literal["mean", "sum", "none"]
 IGNORE_INDEX = -100
@@ -386,7 +384,7 @@ def shifted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     """Next-token loss of a causal LM from its last hidden states [B, T, H] and lm_head weight [V, H]:
     hidden[:, t] predicts labels[:, t + 1]; the mean over labels != ignore_index (0 if none).
 
-    Equals models.sft.masked_lm_loss(F.linear(hidden, weight, bias), labels) without the logits. Only the
+    Equals models.training.sft.masked_lm_loss(F.linear(hidden, weight, bias), labels) without the logits. Only the
     positions with a target are projected: in SFT most positions are prompt (about 87% in our data), whose
     logits the loss never reads.
     """

@@ -1,18 +1,17 @@
 """Merge stage: the branch students merged onto the base with a mergekit method or a mergekit recipe file
-(models/merge.py)."""
+(models/merging/)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.merging.config import MergeConfig
 from tasks.common import Job, make_job
 from tasks.store import ArtifactRef
 
-CODE = ("tasks/merge.py", "models/merge.py", "models/merging/registry.py", "models/merging/run.py",
-        "models/merging/values.py", "models/merging/linear.py", "models/merging/task_arithmetic.py",
-        "models/merging/sparsify.py", "models/merging/geometric.py", "models/merging/sce.py",
-        "models/merging/spherical.py", "models/merging/arcee_fusion.py", "models/merging/recipe.py",
-        "models/merging/global_trim.py")
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,12 +23,12 @@ def recipe_path(recipe: str) -> Path:
     return ROOT / path
 
 
-def recipe_docs(merge: dict[str, Any]) -> list[dict[str, Any]]:
-    from models.merge import load_recipe
+def recipe_docs(recipe: str) -> list[dict[str, Any]]:
+    from models.merging.recipe import load_recipe
 
-    path = recipe_path(merge["recipe"])
+    path = recipe_path(recipe)
     if not path.is_file():
-        raise ValueError(f"merge.recipe={merge['recipe']!r}: no such file (looked at {path})")
+        raise ValueError(f"merge.recipe={recipe!r}: no such file (looked at {path})")
     return load_recipe(path)
 
 
@@ -38,56 +37,79 @@ def aliases(base: str, branches: dict[str, str]) -> dict[str, str]:
     return {"base": base, **branches, **{f"sft/{name}": path for name, path in branches.items()}}
 
 
-def plan(merge: dict[str, Any], seed: int, base: ArtifactRef, branches: dict[str, ArtifactRef], store: str,
-         refresh: bool) -> Job:
-    upstream = {"base": base} | {f"sft/{name}": ref for name, ref in branches.items()}
-    if merge["recipe"] is not None:  # the recipe's content is the setting (a moved file keeps its cache key)
-        merge = {"recipe": recipe_docs(merge)}
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    return ["model/student", *(f"sft/{d}" for d in cfg.data.domains)]
+
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    upstream = {"base": refs["model/student"]} | {f"sft/{d}": refs[f"sft/{d}"] for d in cfg.data.domains}
+    if cfg.merge.recipe is not None:  # the recipe's content is the setting (a moved file keeps its cache key)
+        config = {"recipe": recipe_docs(cfg.merge.recipe)}
     else:
-        merge = {k: v for k, v in merge.items() if k != "recipe"}
-    return make_job("merge", merge | {"seed": seed}, upstream, CODE, store, refresh)
+        config = {"merge": cfg.merge.model_dump()}
+    return make_job("merge", config | {"seed": cfg.run.seed}, upstream, __name__, cfg.run.store,
+                    "merge" in cfg.run.refresh, hint="merge.parameters (weights, lambda), merge.dtype, the branches")
 
 
-def mergekit_config(merge: dict[str, Any], base: str, branches: list[str]) -> dict[str, Any]:
+def mergekit_config(merge: MergeConfig, base: str, branches: list[str]) -> dict[str, Any]:
     """The merge as a mergekit YAML would say it. `merge.parameters` holds both kinds of mergekit parameter:
     per-model ones (weight, density, ...) go to every branch, the rest are global. The student is
     `base_model` for methods built on deltas; methods that ignore a base average the branches alone."""
-    from models.merge import get_method
+    from models.merging.registry import get_method
 
-    method = get_method(merge["method"])
-    per_model = {k: v for k, v in merge["parameters"].items() if k in method.model_names()}
-    return {"merge_method": merge["method"],
+    method = get_method(merge.method)
+    per_model = {k: v for k, v in merge.parameters.items() if k in method.model_names()}
+    return {"merge_method": merge.method,
             **({"base_model": base} if method.base != "ignored" else {}),
             "models": [{"model": path, "parameters": dict(per_model)} for path in branches],
-            "parameters": {k: v for k, v in merge["parameters"].items() if k not in per_model},
-            "dtype": merge["dtype"], "out_dtype": merge["out_dtype"], "tokenizer_source": base}
+            "parameters": {k: v for k, v in merge.parameters.items() if k not in per_model},
+            "dtype": merge.dtype, "out_dtype": merge.out_dtype, "tokenizer_source": base}
 
 
-def check(merge: dict[str, Any], branches: list[str]) -> None:
-    """Fail on a bad merge config before anything upstream is computed (no weights are read)."""
-    from models.merge import MergeConfigError, plan_recipe, validate_config
+def check(merge: MergeConfig, branches: list[str]) -> None:
+    """Fail on a merge config that cannot run over these branches (no weights are read)."""
+    from models.merging.config import MergeConfigError, validate_config
+    from models.merging.recipe import plan_recipe
 
-    if merge["recipe"] is not None:
+    if merge.recipe is not None:
         try:
-            plan_recipe(recipe_docs(merge), aliases("<base>", {b: f"<{b}>" for b in branches}))
+            plan_recipe(recipe_docs(merge.recipe), aliases("<base>", {b: f"<{b}>" for b in branches}))
         except MergeConfigError as err:
-            raise ValueError(f"invalid merge recipe (merge.recipe={merge['recipe']!r}): {err}") from None
+            raise ValueError(f"invalid merge recipe (merge.recipe={merge.recipe!r}): {err}") from None
         return
     try:
         validate_config(mergekit_config(merge, "<base>", [f"<{b}>" for b in branches]))
     except (MergeConfigError, ValueError) as err:
-        raise ValueError(f"invalid merge config (merge.method={merge['method']!r}, merge.parameters="
-                         f"{merge['parameters']} over {len(branches)} branches): {err}") from None
+        raise ValueError(f"invalid merge config (merge.method={merge.method!r}, merge.parameters="
+                         f"{merge.parameters} over {len(branches)} branches): {err}") from None
 
 
-def build(job: Job, out: Path) -> dict[str, Any]:
-    from models.merge import run_merge, run_recipe
+def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
+    from models.merging.recipe import run_recipe
+    from models.merging.run import run_merge
 
+    branches = {name: ref for name, ref in sorted(job.upstream.items()) if name.startswith("sft/")}
+    # merge_config.json names the inputs by artifact and digest, not by path: the artifact is the same in any store.
+    inputs = {"base": job.upstream["base"].digest} | {name: ref.digest for name, ref in branches.items()}
     if "recipe" in job.config:
-        branch_paths = {name.removeprefix("sft/"): ref.path for name, ref in job.upstream.items()
-                        if name.startswith("sft/")}
-        return run_recipe(job.config["recipe"], out, seed=job.config["seed"], overwrite=True,
-                          aliases=aliases(job.upstream["base"].path, branch_paths))
-    branches = [ref.path for name, ref in sorted(job.upstream.items()) if name.startswith("sft/")]
-    config = mergekit_config(job.config, job.upstream["base"].path, branches)
-    return run_merge(config, out, seed=job.config["seed"], overwrite=True)
+        docs = job.config["recipe"]
+        result = run_recipe(docs, out, seed=job.config["seed"], overwrite=True,
+                            aliases=aliases(job.upstream["base"].path,
+                                            {n.removeprefix("sft/"): r.path for n, r in branches.items()}),
+                            record={"recipe": docs, "inputs": inputs, "seed": job.config["seed"]})
+    else:
+        merge = MergeConfig.model_validate(job.config["merge"])
+        config = mergekit_config(merge, job.upstream["base"].path, [ref.path for ref in branches.values()])
+        record = {"config": mergekit_config(merge, "base", list(branches)), "inputs": inputs,
+                  "seed": job.config["seed"]}
+        result = run_merge(config, out, seed=job.config["seed"], overwrite=True, record=record)
+    return without_seconds(result)
+
+
+def without_seconds(result: Any) -> Any:
+    """The merge's result without its timings: an artifact's meta is content only (timings go to the summary)."""
+    if isinstance(result, dict):
+        return {k: without_seconds(v) for k, v in result.items() if k != "seconds"}
+    if isinstance(result, list):
+        return [without_seconds(v) for v in result]
+    return result

@@ -6,40 +6,47 @@ report how clusters align with domains. Mixture weights are uniform or token-sha
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.data.config import DataConfig
 from tasks.common import Job, make_job, write_json, write_jsonl
+from tasks.store import ArtifactRef
 
-CODE = ("tasks/mix.py", "models/domains.py", "models/mixing.py")
-
-
-def plan(data: dict[str, Any], store: str, refresh: bool) -> Job:
-    return make_job("mix", data, {}, CODE, store, refresh)
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
 
 
-def build(job: Job, out: Path) -> dict[str, Any]:
-    from models import domains, mixing
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    return []
 
-    data = job.config
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    return make_job("mix", {"data": cfg.data.model_dump()}, {}, __name__, cfg.run.store, "mix" in cfg.run.refresh)
+
+
+def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
+    from models.data import domains, mixing
+
+    data = DataConfig.model_validate(job.config["data"])
     train, held_out, shots = [], [], {}
-    for name, domain in data["domains"].items():
-        items = domains.build_items(name, domain["tasks"], size=data["train_size"] + data["eval_size"],
-                                    seed=data["seed"])
-        tr, ev = domains.split_items(items, data["eval_size"], seed=data["seed"])
+    for name, domain in data.domains.items():
+        tasks = [t.model_dump() for t in domain.tasks]
+        items = domains.build_items(name, tasks, size=data.train_size + data.eval_size, seed=data.seed)
+        tr, ev = domains.split_items(items, data.eval_size, seed=data.seed)
         train += tr
         held_out += ev
-        shots[name] = domains.make_shots(domain["tasks"], k=data["shots"], seed=data["seed"] + 10_000)
+        shots[name] = domains.make_shots(tasks, k=data.shots, seed=data.seed + 10_000)
 
-    embed = data["embed"]
-    vectors = mixing.embed_texts([it["question"] for it in train], batch_size=embed["batch_size"])
-    labels, centroids = mixing.kmeans(vectors, k=min(embed["clusters"], len(train)), seed=data["seed"])
-    if embed["merge_threshold"] > 0:
-        labels = mixing.merge_close_clusters(labels, centroids, threshold=embed["merge_threshold"])
+    embed = data.embed
+    vectors = mixing.embed_texts([it["question"] for it in train], batch_size=embed.batch_size)
+    labels, centroids = mixing.kmeans(vectors, k=min(embed.clusters, len(train)), seed=data.seed)
+    if embed.merge_threshold > 0:
+        labels = mixing.merge_close_clusters(labels, centroids, threshold=embed.merge_threshold)
     for item, label in zip(train, labels):
         item["cluster"] = int(label)
     alignment = mixing.cluster_alignment(labels, [it["domain"] for it in train])
-    sizes = {name: sum(len(it["question"]) for it in train if it["domain"] == name) for name in data["domains"]}
-    weights = mixing.mixture_weights(sizes, strategy=data["weights"], temperature=data["temperature"])
+    sizes = {name: sum(len(it["question"]) for it in train if it["domain"] == name) for name in data.domains}
+    weights = mixing.mixture_weights(sizes, strategy=data.weights, temperature=data.temperature)
 
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", held_out)

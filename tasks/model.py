@@ -1,24 +1,38 @@
 """Model stage: any model source (GGUF in a wheel, split GGUF, local HF folder, tiny random) -> an HF folder.
 
-Base student and teacher both come through here, keyed by their source, so a GGUF is converted once and every
-later run, branch and sweep job reuses the same folder.
+Items: `student` and `teacher`. Both come through here, keyed by their settings, so a GGUF is converted once and
+every later run, branch and sweep job reuses the same folder (and a teacher equal to the student is one artifact).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.lm.config import ModelConfig
 from tasks.common import Job, make_job
+from tasks.store import ArtifactRef
 
-CODE = ("tasks/model.py", "models/hf.py")
-
-
-def plan(model: dict[str, Any], store: str, refresh: bool) -> Job:
-    return make_job(f"model/{model['name']}", model, {}, CODE, store, refresh)
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
 
 
-def build(job: Job, out: Path) -> dict[str, Any]:
-    from models.hf import materialize_model
+def settings(cfg: PipelineConfig, item: str) -> ModelConfig:
+    return cfg.student if item == "student" else cfg.teacher.model
 
-    materialize_model(job.config["source"], out, job.config["dtype"])
-    return {"name": job.config["name"], "dtype": job.config["dtype"]}
+
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    return []
+
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    model = settings(cfg, item)
+    return make_job(f"model/{model.name}", {"model": model.model_dump()}, {}, __name__, cfg.run.store,
+                    "model" in cfg.run.refresh)
+
+
+def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
+    from models.lm.hf import materialize_model
+
+    model = ModelConfig.model_validate(job.config["model"])
+    materialize_model(model.source, out, model.dtype)
+    return {"name": model.name, "dtype": model.dtype}

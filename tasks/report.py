@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tasks import eval as eval_stage
 from tasks.common import Job, make_job, read_json, write_json
 from tasks.store import ArtifactRef
 
-CODE = ("tasks/report.py", "models/report.py")
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
 
 
-def plan(evals: dict[str, ArtifactRef], store: str, refresh: bool) -> Job:
-    return make_job("report", {"models": list(evals)}, {f"eval/{k}": v for k, v in evals.items()}, CODE, store,
-                    refresh)
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    return [f"eval/{name}" for name in eval_stage.models(cfg)]
+
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    names = eval_stage.models(cfg)
+    return make_job("report", {"models": names}, {f"eval/{k}": refs[f"eval/{k}"] for k in names}, __name__,
+                    cfg.run.store, "report" in cfg.run.refresh)
 
 
 def results_of(job: Job) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
@@ -25,8 +32,8 @@ def results_of(job: Job) -> tuple[dict[str, dict[str, float]], dict[str, dict[st
     return results, tokens
 
 
-def build(job: Job, out: Path) -> dict[str, Any]:
-    from models import report
+def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
+    from models.eval import report
 
     results, extra = results_of(job)
     (out / "results.md").write_text(report.results_table_markdown(results, extra) + "\n")

@@ -2,26 +2,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.training.config import RLConfig
 from tasks.common import Job, make_job, read_json, read_jsonl
 from tasks.store import ArtifactRef
 
-CODE = ("tasks/rl.py", "models/grpo.py", "models/domains.py", "kernels/linear_ce.py")  # chunked log-probs
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
 
 
-def plan(rl: dict[str, Any], seed: int, model: ArtifactRef, mix: ArtifactRef, store: str, refresh: bool) -> Job:
-    config = {k: v for k, v in rl.items() if k != "enabled"} | {"seed": seed}
-    return make_job("rl", config, {"model": model, "mix": mix}, CODE, store, refresh)
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    return ["merge", "mix"]
+
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    return make_job("rl", {"rl": cfg.rl.model_dump(), "seed": cfg.run.seed},
+                    {"model": refs["merge"], "mix": refs["mix"]}, __name__, cfg.run.store, "rl" in cfg.run.refresh,
+                    hint=f"rl.lr={cfg.rl.lr} (lower it), rl.beta={cfg.rl.beta}, rl.precision={cfg.rl.precision}")
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models import domains
-    from models.grpo import train_grpo
+    from models.data import domains
+    from models.training.grpo import train_grpo
 
     mix = Path(job.upstream["mix"].path)
     items = read_jsonl(mix / "train.jsonl")
     shots = read_json(mix / "shots.json")
-    return train_grpo(job.upstream["model"].path, items, domains.reward_fn,
-                      lambda item: domains.build_messages(item, shots[item["domain"]]), out, **job.config,
-                      logger=logger)
+    return train_grpo(RLConfig.model_validate(job.config["rl"]), job.upstream["model"].path, items,
+                      domains.reward_fn, lambda item: domains.build_messages(item, shots[item["domain"]]), out,
+                      seed=job.config["seed"], logger=logger)

@@ -1,27 +1,32 @@
 """SFT stage: one branch = the base student fine-tuned on the teacher's kept responses for one domain, through
-the data recipe of conf/sft (models/sft_recipes.py), resumable from the store's scratch folder after a crash."""
+the data recipe of conf/sft (models/training/recipes.py), resumable from the store's scratch folder after a crash.
+Items: the domains."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.training.config import SFTConfig
 from tasks.common import Job, make_job, read_jsonl
 from tasks.store import ArtifactRef, Store
 
-CODE = ("tasks/sft.py", "models/sft.py", "models/sft_recipes.py", "models/packing.py", "kernels/linear_ce.py")
-# conf/sft keys this task resolves itself; the rest are train_sft's arguments
-RECIPE_KEYS = ("recipe", "dmt_k", "hard_fraction")
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
 
 
-def plan(sft: dict[str, Any], branch: str, seed: int, base: ArtifactRef, teacher: ArtifactRef, store: str,
-         refresh: bool, teacher_model: ArtifactRef | None = None) -> Job:
-    upstream = {"base": base, "teacher": teacher}
-    if sft["loss"] == "poft" and sft["poft_reference"] == "teacher":
-        if teacher_model is None:
-            raise ValueError("sft.poft_reference=teacher: the teacher model's artifact is needed")
-        upstream["teacher_model"] = teacher_model
-    return make_job(f"sft/{branch}", sft | {"branch": branch, "seed": seed}, upstream, CODE, store, refresh)
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    reference = ["model/teacher"] if cfg.sft.loss == "poft" and cfg.sft.poft_reference == "teacher" else []
+    return ["model/student", "teacher", *reference]
+
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    upstream = {"base": refs["model/student"], "teacher": refs["teacher"]}
+    if "model/teacher" in needs(cfg, item):
+        upstream["teacher_model"] = refs["model/teacher"]
+    return make_job(f"sft/{item}", {"sft": cfg.sft.model_dump(), "branch": item, "seed": cfg.run.seed}, upstream,
+                    __name__, cfg.run.store, "sft" in cfg.run.refresh,
+                    hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}")
 
 
 def examples_for(teacher_dir: str, branch: str) -> list[dict[str, Any]]:
@@ -46,19 +51,17 @@ def pass_rates(teacher_dir: str, examples: list[dict[str, Any]]) -> list[float]:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.sft_recipes import recipe_stages, train_recipe
+    from models.training.recipes import recipe_stages, train_recipe
 
-    cfg = dict(job.config)
-    branch, recipe = cfg.pop("branch"), {k: cfg.pop(k) for k in RECIPE_KEYS}
+    cfg, branch, seed = SFTConfig.model_validate(job.config["sft"]), job.config["branch"], job.config["seed"]
     teacher_dir = job.upstream["teacher"].path
     examples = examples_for(teacher_dir, branch)
-    stages = recipe_stages(recipe["recipe"], examples, general=general_examples(teacher_dir, branch)
-                           if recipe["recipe"] == "dmt" else [],
-                           pass_rates=pass_rates(teacher_dir, examples) if recipe["recipe"] == "curriculum" else [],
-                           dmt_k=recipe["dmt_k"], hard_fraction=recipe["hard_fraction"], seed=cfg["seed"])
-    reference = {"base": job.upstream["base"], "teacher": job.upstream.get("teacher_model")}[cfg.pop("poft_reference")]
+    stages = recipe_stages(cfg, examples, general=general_examples(teacher_dir, branch) if cfg.recipe == "dmt" else [],
+                           pass_rates=pass_rates(teacher_dir, examples) if cfg.recipe == "curriculum" else [],
+                           seed=seed)
+    reference = job.upstream["teacher_model" if cfg.poft_reference == "teacher" else "base"]
     checkpoints = Store(job.store).scratch(job.stage, job.key)  # kept across crashes, deleted once sealed
-    metrics = train_recipe(job.upstream["base"].path, stages, out, checkpoint_dir=checkpoints,
-                           reference_dir=reference.path if cfg["loss"] == "poft" else None, **cfg, logger=logger)
+    metrics = train_recipe(cfg, job.upstream["base"].path, stages, out, seed=seed, checkpoint_dir=checkpoints,
+                           reference_dir=reference.path if cfg.loss == "poft" else None, logger=logger)
     # "examples": the branch's teacher examples; each stage's metrics count what it trained on
     return {**metrics, "examples": len(examples), "stage_examples": [len(s) for s in stages]}

@@ -2,16 +2,26 @@
 
 A stage's key hashes its config section, the digests of its upstream artifacts and its code version, so the
 same inputs always land in the same folder and a changed input lands in a new one (old artifacts survive).
-Writes go to a temp folder that is renamed into place, so a crash never leaves a half-written artifact under a
-valid key. Each artifact carries `_manifest.json` with per-file sha256, size and mtime; reuse checks size and
-mtime (and ctime, which no tool can set back) like DVC's state cache and rehashes only files whose stat changed, so verifying gigabytes of unchanged
-weights costs milliseconds while a truncated, edited or deleted file is caught.
+
+Sealing: `_manifest.json` lists every file's sha256 and size plus the stage's `meta`; the artifact's digest is
+the hash of both, and is stored in the manifest too. Verification recomputes that digest from the manifest and
+checks every file: an edited meta or digest, a manifest of another shape, or a changed, missing or extra file
+means "not there" (the caller rebuilds), never a crash and never a trusted lie. Re-hashing gigabytes each time
+would cost seconds, so like DVC's state cache a side file keeps each file's stat signature (size, mtime, ctime,
+inode: ctime no tool can set back) and only files whose signature changed are re-hashed.
+
+Digests cover content only (no paths, no wall-clock times), so the same config gives the same digests in any
+store on any machine. Writes go to a temp folder renamed into place; one writer per key at a time (an flock
+that the kernel releases when its owner dies, so a crashed writer's lock is simply taken over, and its temp
+folders are swept by the next one).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +32,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 MANIFEST = "_manifest.json"
+log = logging.getLogger("branchmerge")
 
 
 class ArtifactRef(BaseModel):
@@ -41,18 +52,13 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def code_version(*files: str | Path) -> str:
-    """Hash of the source files a stage's result depends on: editing them invalidates the stage's cache."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f).encode())
-        h.update((root / f).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def artifact_key(stage: str, config: Any, upstream: dict[str, str], code: str) -> str:
     return stable_hash({"stage": stage, "config": config, "upstream": upstream, "code": code})[:20]
+
+
+def artifact_digest(files: dict[str, str], meta: dict[str, Any]) -> str:
+    """The digest of an artifact: its files' sha256 by relative path, and its meta."""
+    return stable_hash({"files": files, "meta": meta})
 
 
 def file_sha256(path: Path) -> str:
@@ -67,19 +73,43 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def _signature(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def write_manifest(folder: Path, stage: str, key: str, meta: dict[str, Any]) -> dict[str, list[int]]:
     """Seal a folder; returns the stat signatures of what was hashed (renaming the folder keeps them)."""
+    meta = json.loads(json.dumps(meta, default=str))  # what the manifest will hold, exactly
     entries, state = {}, {}
     for p in _files(folder):
-        st = p.stat()
         rel = p.relative_to(folder).as_posix()
-        entries[rel] = {"sha256": file_sha256(p), "size": st.st_size}
-        state[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    digest = stable_hash({k: v["sha256"] for k, v in entries.items()})
-    manifest = {"stage": stage, "key": key, "digest": digest, "files": entries, "meta": meta,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        entries[rel] = {"sha256": file_sha256(p), "size": p.stat().st_size}
+        state[rel] = _signature(p)
+    digest = artifact_digest({k: v["sha256"] for k, v in entries.items()}, meta)
+    manifest = {"stage": stage, "key": key, "digest": digest, "files": entries, "meta": meta}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return state
+
+
+def read_manifest(folder: Path, stage: str | None = None, key: str | None = None) -> dict | None:
+    """The folder's manifest if it is well formed and its digest matches its own files and meta (and it names
+    `stage` / `key` when given); None otherwise. The files themselves are checked by Store.load."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
+        sizes = {rel: int(entry["size"]) for rel, entry in manifest["files"].items()}
+        meta, digest = manifest["meta"], manifest["digest"]
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in files.values()):
+            return None
+        if digest != artifact_digest(files, meta):
+            return None
+        if (stage is not None and manifest["stage"] != stage) or (key is not None and manifest["key"] != key):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"stage": manifest["stage"], "key": manifest["key"], "digest": digest, "files": files, "sizes": sizes,
+            "meta": meta}
 
 
 class Store:
@@ -97,42 +127,43 @@ class Store:
     def load(self, stage: str, key: str) -> ArtifactRef | None:
         """The artifact under this key if it is complete and intact, else None (then the caller rebuilds it)."""
         folder = self.path(stage, key)
-        manifest = self._verified_manifest(folder)
+        manifest = verified_manifest(folder, stage, key)
         if manifest is None:
             return None
         return ArtifactRef(stage=stage, key=key, path=str(folder), digest=manifest["digest"], status="reused",
-                           meta=manifest.get("meta", {}))
+                           meta=manifest["meta"])
 
     def is_valid(self, stage: str, key: str) -> bool:
-        return self._verified_manifest(self.path(stage, key)) is not None
+        return self.load(stage, key) is not None
 
-    def _verified_manifest(self, folder: Path) -> dict | None:
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-        state_file = folder.parent / f".{folder.name}.state.json"
-        state = _read_json(state_file)
-        on_disk = {p.relative_to(folder).as_posix() for p in _files(folder)}
-        if on_disk != set(manifest["files"]):
-            return None
-        fresh_state = {}
-        for rel, want in manifest["files"].items():
-            st = (folder / rel).stat()
-            sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-            if st.st_size != want["size"]:
-                return None
-            if state.get(rel) != sig and file_sha256(folder / rel) != want["sha256"]:
-                return None
-            fresh_state[rel] = sig
-        if fresh_state != state:
-            _write_json_atomic(state_file, fresh_state)
-        return manifest
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the key's lock: one writer per artifact across threads and processes. flock locks belong to an
+        open file and die with their process, so a lock whose owner was killed is free at once."""
+        folder = self.root / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f".lock-{key}", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: waiting for another writer of %s", stage, key)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def sweep(self, stage: str, key: str) -> None:
+        """Delete temp and swapped-out folders of this key (call with its lock held: their writers are gone)."""
+        for debris in (self.root / stage).glob(f".*-{key}-*"):
+            if debris.name.startswith((".tmp-", ".old-")):
+                log.info("%s: removing %s left by a writer that died", stage, debris.name)
+                shutil.rmtree(debris, ignore_errors=True)
 
     @contextlib.contextmanager
     def writer(self, stage: str, key: str, meta: dict[str, Any]) -> Iterator[Path]:
         """Yield a temp folder; on success it is sealed with a manifest (with `meta`, which the caller may fill
-        while writing) and renamed to its key.
+        while writing) and renamed to its key. Call with the key's lock held.
 
         An existing artifact under the key (a corrupt one: valid ones are never rewritten) is moved aside and
         deleted only after the new one is in place.
@@ -158,13 +189,42 @@ class Store:
 
     def sealed_ref(self, stage: str, key: str, seconds: float) -> ArtifactRef:
         ref = self.load(stage, key)
-        assert ref is not None, f"artifact {stage}/{key} failed verification right after writing"
+        if ref is None:
+            raise RuntimeError(f"artifact {stage}/{key} failed verification right after writing")
         return ref.model_copy(update={"status": "computed", "seconds": seconds})
+
+
+def verified_manifest(folder: Path, stage: str | None = None, key: str | None = None) -> dict | None:
+    """read_manifest, plus every file present with its size and hash (re-hashed only where its stat changed)."""
+    manifest = read_manifest(folder, stage, key)
+    if manifest is None:
+        return None
+    state_file = folder.parent / f".{folder.name}.state.json"
+    state = _read_json(state_file)
+    try:
+        on_disk = {p.relative_to(folder).as_posix() for p in _files(folder)}
+        if on_disk != set(manifest["files"]):
+            return None
+        fresh_state = {}
+        for rel, sha in manifest["files"].items():
+            sig = _signature(folder / rel)
+            if sig[0] != manifest["sizes"][rel]:
+                return None
+            if state.get(rel) != sig and file_sha256(folder / rel) != sha:
+                return None
+            fresh_state[rel] = sig
+    except OSError:
+        return None
+    if fresh_state != state:
+        with contextlib.suppress(OSError):  # the state file only saves time; a read-only store still verifies
+            _write_json_atomic(state_file, fresh_state)
+    return manifest
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
     except (OSError, ValueError):
         return {}
 
@@ -173,3 +233,16 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:6]}")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
+
+
+def unique_run_dir(root: Path, name: str) -> Path:
+    """runs/<time>-<name>-<n>: a new folder for each run, even for two started in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = root / f"{stamp}-{name}" if n == 0 else root / f"{stamp}-{name}-{n}"
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run folder under {root}")

@@ -2,37 +2,42 @@
 the verified ones (rejection sampling) as the branches' SFT data, and report pass rates per domain."""
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.lm.config import TeacherConfig
 from tasks.common import Job, make_job, read_json, read_jsonl, write_json, write_jsonl
 from tasks.store import ArtifactRef
 
-CODE = ("tasks/teacher.py", "models/generation.py", "models/domains.py")
+if TYPE_CHECKING:
+    from flows.schema import PipelineConfig
 
 
-def plan(teacher: dict[str, Any], seed: int, mix: ArtifactRef, model: ArtifactRef, store: str, refresh: bool) -> Job:
-    config = {k: v for k, v in teacher.items() if k != "model"} | {"dtype": teacher["model"]["dtype"], "seed": seed}
-    return make_job("teacher", config, {"mix": mix, "model": model}, CODE, store, refresh)
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    return ["mix", "model/teacher"]
 
 
-def build(job: Job, out: Path) -> dict[str, Any]:
-    from models import domains, generation
-    from models.hf import load_model, load_tokenizer
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    return make_job("teacher", {"teacher": cfg.teacher.model_dump(), "seed": cfg.run.seed},
+                    {"mix": refs["mix"], "model": refs["model/teacher"]}, __name__, cfg.run.store,
+                    "teacher" in cfg.run.refresh)
 
-    cfg, mix = job.config, job.upstream["mix"].path
+
+def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
+    from models.data import domains
+    from models.lm import generation
+    from models.lm.hf import load_model, load_tokenizer
+
+    cfg, mix = TeacherConfig.model_validate(job.config["teacher"]), job.upstream["mix"].path
     items = read_jsonl(Path(mix) / "train.jsonl")
     shots = read_json(Path(mix) / "shots.json")
     conversations = [domains.build_messages(it, shots[it["domain"]]) for it in items]
     model_dir = job.upstream["model"].path
-    model, tokenizer = load_model(model_dir, cfg["dtype"]), load_tokenizer(model_dir)
-    t0 = time.perf_counter()
-    samples = generation.generate(model, tokenizer, conversations, n=cfg["n"], temperature=cfg["temperature"],
-                                  top_p=cfg["top_p"], max_new_tokens=cfg["max_new_tokens"],
-                                  batch_size=cfg["batch_size"], seed=cfg["seed"], desc="teacher")
-    minutes = (time.perf_counter() - t0) / 60
+    model, tokenizer = load_model(model_dir, cfg.model.dtype), load_tokenizer(model_dir)
+    samples = generation.generate(model, tokenizer, conversations, n=cfg.n, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                  seed=job.config["seed"], desc="teacher")
 
     scored, kept = [], []
     for item, messages, completions in zip(items, conversations, samples):
@@ -43,20 +48,23 @@ def build(job: Job, out: Path) -> dict[str, Any]:
                    "score": domains.score(item, answer), "finished": c["finished"], "num_tokens": c["num_tokens"]}
             scored.append(row)
             accepted = {"verified": row["score"] == 1.0, "well_formed": c["finished"] and answer is not None,
-                        "all": True}[cfg["keep"]]
-            if accepted and c["text"] not in seen and len(seen) < cfg["keep_per_prompt"]:
+                        "all": True}[cfg.keep]
+            if accepted and c["text"] not in seen and len(seen) < cfg.keep_per_prompt:
                 seen.add(c["text"])
                 kept.append({"id": item["id"], "domain": item["domain"], "messages": messages,
                              "completion": c["text"], "score": row["score"]})
 
-    stats = pass_rates(items, scored, kept, cfg["n"], minutes)
+    stats = pass_rates(items, scored, kept, cfg.n)
     write_jsonl(out / "samples.jsonl", scored)
     write_jsonl(out / "sft.jsonl", kept)
     write_json(out / "pass_rates.json", stats)
     return stats
 
 
-def pass_rates(items: list[dict], scored: list[dict], kept: list[dict], n: int, minutes: float) -> dict[str, Any]:
+def pass_rates(items: list[dict], scored: list[dict], kept: list[dict], n: int) -> dict[str, Any]:
+    """Per domain: pass@n (a prompt with at least one verified sample), the mean sample accuracy, the share of
+    samples with an extracted answer, and how many responses were kept. Content only: the stage's wall time is
+    in the run summary and MLflow, never in the artifact (its digest must not depend on the machine)."""
     by_item: dict[str, list[float]] = defaultdict(list)
     for row in scored:
         by_item[row["id"]].append(row["score"])
@@ -69,5 +77,4 @@ def pass_rates(items: list[dict], scored: list[dict], kept: list[dict], n: int, 
             "tagged": sum(r["answer"] is not None for r in scored if r["domain"] == domain) / (len(ids) * n),
             "kept": sum(k["domain"] == domain for k in kept),
         }
-    return {"domains": per_domain, "kept": len(kept), "generation_minutes": minutes,
-            "kept_per_minute": len(kept) / max(minutes, 1e-9)}
+    return {"domains": per_domain, "kept": len(kept)}

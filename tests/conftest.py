@@ -2,10 +2,9 @@
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
-
-import tempfile
 
 # Keep every test run out of the user's Prefect home, MLflow database and artifact store, and off the network.
 _SANDBOX = tempfile.mkdtemp(prefix="branchmerge-tests-")

@@ -31,5 +31,5 @@ def test_bad_config_names_key_and_allowed_values(override, fragments):
 
 
 def test_merge_methods_match_registry():
-    from models.merge import method_names
+    from models.merging.registry import method_names
     assert sorted(MERGE_METHODS) == method_names()

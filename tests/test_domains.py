@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from models.domains import (build_items, build_messages, extract_answer, make_shots, reward_fn, score,
-                            split_items, task_counts)
+from models.data.domains import (
+    build_items,
+    build_messages,
+    extract_answer,
+    make_shots,
+    reward_fn,
+    score,
+    split_items,
+    task_counts,
+)
 
 TASKS = [
     {"name": "leg_counting", "weight": 1, "config": {"min_animals": 1, "max_animals": 2, "max_instances": 3}},

@@ -8,9 +8,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.grpo import (completion_hidden, completion_mask_from_ids, entropy_from_hidden, entropy_from_logits,
-                         group_advantages, grpo_loss, logprobs_and_entropy, logprobs_from_logits, selective_logprobs,
-                         train_grpo)
+from models.training.grpo import (
+    completion_hidden,
+    completion_mask_from_ids,
+    entropy_from_hidden,
+    entropy_from_logits,
+    group_advantages,
+    grpo_loss,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    selective_logprobs,
+    train_grpo,
+)
 
 # ----------------------------------------------------------------------------------------------- advantages
 

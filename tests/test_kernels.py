@@ -125,7 +125,7 @@ def test_weights_summing_to_zero_do_not_divide(device):
 
 def test_references_reproduce_sparsify_bit_for_bit():
     """Given sparsify.py's own draws, the references give its bits (so the kernels can be wired in later)."""
-    from models.merging import sparsify as sp
+    from models.merging.methods import sparsify as sp
 
     delta = torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
     for rescale in (None, "l1", "inverse_p"):

@@ -47,7 +47,7 @@ def logprobs(impl, hidden, weight, targets, **kw):
 
 
 def plain_logprobs(hidden, weight, targets, temperature=1.0, bias=None, ignore_index=-100):
-    """The full logits in the inputs' dtype, float32 log_softmax, gather (models.grpo's recipe)."""
+    """The full logits in the inputs' dtype, float32 log_softmax, gather (models.training.grpo's recipe)."""
     z = F.linear(hidden, weight, bias).float() / temperature
     lp = z.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(targets != ignore_index, lp, 0.0)
@@ -184,7 +184,7 @@ def _hidden_and_logits(model, ids):
 
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_shifted_loss_equals_masked_lm_loss(tiny_llama, impl, device, monkeypatch):
-    from models.sft import masked_lm_loss
+    from models.training.sft import masked_lm_loss
 
     monkeypatch.setenv(lc.ENV, impl)
     model = tiny_llama.to(device)
@@ -208,8 +208,8 @@ def test_shifted_loss_equals_masked_lm_loss(tiny_llama, impl, device, monkeypatc
 
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_selective_logprobs_equal_grpo(tiny_llama, impl, device, monkeypatch):
-    """models.grpo.selective_logprobs's numbers: log softmax(logits / T) of the last K tokens."""
-    from models.grpo import logprobs_from_logits
+    """models.training.grpo.selective_logprobs's numbers: log softmax(logits / T) of the last K tokens."""
+    from models.training.grpo import logprobs_from_logits
 
     monkeypatch.setenv(lc.ENV, impl)
     model = tiny_llama.to(device)

@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models.merging.arcee_fusion as fusion_module
-from models.merge import METHODS, MergeConfigError, run_merge, tensor_generator
+import models.merging.methods.arcee_fusion as fusion_module
+from models.merging.config import MergeConfigError
+from models.merging.registry import METHODS
+from models.merging.run import run_merge
+from models.merging.values import tensor_generator
 from tests.test_merge import rand
 
 

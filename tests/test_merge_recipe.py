@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-from models.merge import MergeConfigError, load_recipe, plan_recipe, run_merge, run_recipe
+from models.merging.config import MergeConfigError
+from models.merging.recipe import load_recipe, plan_recipe, run_recipe
+from models.merging.run import run_merge
 from tests.test_merge import tiny_llama, weights
 
 

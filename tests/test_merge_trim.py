@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from models.merge import MergeConfigError, run_merge
 from models.merging.checkpoint import Checkpoint
+from models.merging.config import MergeConfigError
 from models.merging.global_trim import kept_counts
+from models.merging.run import run_merge
 from tests.test_merge import ref_combine, tiny_llama, weights
 
 

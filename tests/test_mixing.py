@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from models.mixing import (
-    cluster_alignment,
+from models.data.mixing import (
     close_cluster_groups,
+    cluster_alignment,
     embed_texts,
     kmeans,
     merge_close_clusters,

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 
-
 def run(store, *overrides):
     from flows.pipeline import branchmerge
 
@@ -91,7 +90,7 @@ def test_merge_method_change_reruns_only_downstream(store, first):
 
 
 def test_recipe_merge_reuses_branches_and_equals_the_recipe_run_by_hand(store, first, tmp_path):
-    from models.merge import load_recipe, run_recipe
+    from models.merging.recipe import load_recipe, run_recipe
 
     fused = run(store, "merge=recipe")  # conf/merge/recipes/tinyr1.yml: two arcee_fusion steps
     st = statuses(fused)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.sft import (CHECKPOINT, SFTModule, pad_collate, reference_logps, tokenize_example, train_sft)
-from models.sft_recipes import curriculum_stages, dmt_stages, recipe_stages, train_recipe
+from models.training.recipes import curriculum_stages, dmt_stages, recipe_stages, train_recipe
+from models.training.sft import CHECKPOINT, SFTModule, pad_collate, reference_logps, tokenize_example, train_sft
 from tests.test_sft import SETTINGS, varied_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def assert_same_weights(a, b):
 
 KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
-    from models import sft
+    from models.training import sft
 
     model_dir, out, checkpoints, kill_at, settings = sys.argv[1:6]
     kill_at, settings = int(kill_at), json.loads(settings)
@@ -241,7 +241,7 @@ def test_train_recipe_chains_stages_and_skips_finished_ones(tiny_model_dir, tmp_
 
     # a rerun (after a crash in stage 2) reuses the finished stage 1 instead of training it again
     calls = []
-    import models.sft_recipes as recipes
+    import models.training.recipes as recipes
 
     real = recipes.train_sft
     recipes.train_sft = lambda model_dir, ex, out_dir, **kw: calls.append(str(model_dir)) or real(model_dir, ex,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tasks.common import Job, execute, make_job
+from tasks.common import execute, make_job
 from tasks.store import MANIFEST, Store, stable_hash
 
 

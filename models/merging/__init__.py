@@ -1,16 +1,10 @@
-"""Model merging with mergekit's methods and semantics: a registry of tensor functions + run_merge.
+"""Model merging with mergekit's methods and semantics, in mergekit's phases:
 
-Importing the package registers every method (each family module registers its own).
+    config.py    MergeConfig (the pipeline's merge stage) and validate_config (a mergekit YAML -> MergeSpec)
+    plan.py      every output tensor, its sources and parameters, from the safetensors headers alone
+    run.py       run_merge: stream tensors through a method into shards
+    recipe.py    mergekit YAML / mergekit-multimerge files as chained run_merge calls
+    registry.py  every merge method by name (methods/: one module per family)
+
+Nothing is imported here, so `models.merging.config` loads without torch.
 """
-
-from . import arcee_fusion, geometric, linear, sce, spherical, task_arithmetic  # noqa: F401  (registers methods)
-from .registry import METHODS, MergeConfigError, MergeMethod, Params, get_method, method_names, register
-from .recipe import load_recipe, plan_recipe, run_recipe
-from .run import MergeSpec, plan, run_merge, validate_config
-from .values import layer_t, resolve, tensor_generator
-
-__all__ = [
-    "METHODS", "MergeConfigError", "MergeMethod", "MergeSpec", "Params", "get_method", "layer_t", "method_names",
-    "load_recipe", "plan", "plan_recipe", "register", "resolve", "run_merge", "run_recipe", "tensor_generator",
-    "validate_config",
-]

@@ -8,8 +8,8 @@ import argparse
 import json
 import logging
 
+from .config import MergeConfigError
 from .recipe import load_recipe, run_recipe
-from .registry import MergeConfigError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from .registry import MergeConfigError
-from .run import _plain, run_merge, validate_config
+from .config import MergeConfigError, plain_data, validate_config
+from .run import run_merge
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def load_recipe(source: str | os.PathLike | Mapping | list) -> list[dict[str, An
             docs = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as err:
             raise MergeConfigError(f"recipe {source}: not valid YAML: {err}") from None
-    docs = [_plain(d) for d in docs]
+    docs = [plain_data(d) for d in docs]
     if not docs:
         raise MergeConfigError("recipe: no merge document found")
     for i, doc in enumerate(docs):
@@ -168,9 +168,10 @@ def step_seed(seed: int, step: Step) -> int:
 
 def run_recipe(docs: list[dict[str, Any]], out_dir: str | os.PathLike, *, seed: int,
                aliases: Mapping[str, str] | None = None, workdir: str | os.PathLike | None = None,
-               overwrite: bool = False, workers: int = 2) -> dict[str, Any]:
+               overwrite: bool = False, workers: int = 2, record: dict | None = None) -> dict[str, Any]:
     """Run every step; intermediate models go to `workdir` (kept) or a temporary folder (deleted after).
-    `workers`: tensors merged at once (run_merge)."""
+    `workers`: tensors merged at once (run_merge). `record`: what the final model's merge_config.json holds
+    (default: the recipe, the aliases and the seed)."""
     steps = plan_recipe(docs, aliases)
     out_dir = Path(out_dir)
     scratch = Path(workdir) if workdir is not None else Path(
@@ -182,9 +183,10 @@ def run_recipe(docs: list[dict[str, Any]], out_dir: str | os.PathLike, *, seed: 
             final = step is steps[-1]
             target = out_dir if final else scratch / step.name
             config = _substitute(step.config, paths)
-            record = {"recipe": docs, "aliases": dict(aliases or {}), "seed": seed} if final else None
+            if final and record is None:
+                record = {"recipe": docs, "aliases": dict(aliases or {}), "seed": seed}
             result = run_merge(config, target, seed=step_seed(seed, step), overwrite=overwrite or not final,
-                               record=record, workers=workers)
+                               record=record if final else None, workers=workers)
             results.append({"step": step.label, **result})
             if not final:
                 paths[step.name] = str(target)

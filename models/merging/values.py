@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .registry import MergeConfigError
+from .config import MergeConfigError
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

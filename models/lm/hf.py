@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM
 
+from models.cache import cache_root
+from models.lm.chat import stop_token_ids
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,11 +68,6 @@ def checked_source(source: dict) -> dict:
     if kind == "tiny":
         checked_source(source["tokenizer"])
     return source
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    root = cache_dir or os.environ.get("BRANCHMERGE_CACHE") or Path.home() / ".cache" / "branchmerge"
-    return Path(root).expanduser()
 
 
 # ----------------------------------------------------------------------------- GGUF files
@@ -181,6 +179,30 @@ def hf_dir(path: str | Path) -> Path:
     return path
 
 
+def architecture_config(source: dict):
+    """The transformers config of the model a source describes, without its weights."""
+    from transformers import AutoConfig
+
+    kind = checked_source(source)["kind"]
+    if kind == "hf":
+        return AutoConfig.from_pretrained(hf_dir(source["path"]))
+    if kind == "tiny":
+        return LlamaConfig(tie_word_embeddings=True, **source["config"])
+    gguf = gguf_path(source)
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def source_identity(source: dict) -> dict:
+    """The source plus what identifies the files it names (a package's GGUF by name, size and mtime; an HF
+    folder by its config.json): a key for caches derived from the source."""
+    kind = checked_source(source)["kind"]
+    if kind == "gguf_package":
+        return {**source, "file_key": file_key(package_file(source["package"], source["file"]))}
+    if kind == "hf":
+        return {**source, "config": (hf_dir(source["path"]) / "config.json").read_text()}
+    return source
+
+
 def gguf_model(gguf: Path) -> torch.nn.Module:
     # dequantize=True gives a plain dense model that save_pretrained accepts (a packed GGUF model
     # refuses: "quantized with gguf and is not serializable"); dequantizing in fp32 keeps it exact.
@@ -199,17 +221,6 @@ def tiny_model(tokenizer, seed: int, config: dict) -> torch.nn.Module:
                       pad_token_id=tokenizer.pad_token_id, **config)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the chat turn terminators this vocab has: an instruct model ends its turn with
-    <|im_end|> even where the file names another EOS; generation must stop on any of them."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"):
-        if tok in vocab and vocab[tok] not in ids:
-            ids.append(vocab[tok])
-    return ids
 
 
 def materialize_model(source: dict, out_dir: str | Path, dtype: str, cache_dir: str | Path | None = None) -> None:
@@ -250,6 +261,15 @@ def load_model(path: str | Path, dtype: str) -> torch.nn.Module:
     """An HF folder as a causal LM in eval mode (call .train() to train it)."""
     model = AutoModelForCausalLM.from_pretrained(hf_dir(path), dtype=torch_dtype(dtype))
     return model.eval()
+
+
+def save_model_folder(model, tokenizer, out_dir: str | Path, save_dtype: str) -> Path:
+    """Write an HF folder (safetensors, config, generation_config, tokenizer) with the weights in `save_dtype`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(torch_dtype(save_dtype)).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "left"):

@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import re
-from fractions import Fraction
 from functools import lru_cache
 
 import reasoning_gym

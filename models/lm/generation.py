@@ -20,13 +20,14 @@ Why it is shaped this way (a small decode loop of our own instead of model.gener
   the same outputs on CPU, and the global RNG is untouched.
 """
 
+import inspect
 import logging
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from models.hf import stop_token_ids
+from models.lm.chat import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,13 @@ def shared_prefix_len(prompts: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int):
+def cache_kwarg(model) -> str:
+    """The name forward() takes the KV cache under: `cache` since transformers 5.24 (`past_key_values` still works
+    there, with a deprecation warning per call), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, kw: str):
     """(last logits, cache, attention mask, positions) after reading the prompts.
 
     The prefix every prompt shares (system prompt, instruction, few-shot turns: most of the prompt)
@@ -90,22 +97,23 @@ def prefill(model, prompts: list[list[int]], pad_id: int):
     shared = shared_prefix_len(prompts) if len(prompts) > 1 else 0
     if shared:
         prefix = torch.tensor([prompts[0][:shared]], device=device)
-        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
-              use_cache=True, logits_to_keep=1)
+        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True,
+              logits_to_keep=1, **{kw: cache})
         cache.batch_repeat_interleave(len(prompts))
     ids, mask = (t.to(device) for t in left_padded([p[shared:] for p in prompts], pad_id))
     mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=1)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # padding takes no position
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values, mask, pos
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{kw: cache})
+    return out.logits[:, -1], cache, mask, pos  # the cache is filled in place
 
 
 def decode_batch(model, prompts: list[list[int]], samples: int, temperature: float, top_p: float,
                  max_new_tokens: int, stops: list[int], pad_id: int, gen: torch.Generator) -> list[list[int]]:
     """New token ids for each (prompt, sample) row, prompt-major; rows end at their stop token."""
     device = next(model.parameters()).device
-    logits, cache, mask, pos = prefill(model, prompts, pad_id)
+    kw = cache_kwarg(model)
+    logits, cache, mask, pos = prefill(model, prompts, pad_id, kw)
     if samples > 1:  # one prefill per prompt, shared by its samples
         cache.batch_repeat_interleave(samples)
         logits, mask, pos = (t.repeat_interleave(samples, dim=0) for t in (logits, mask, pos))
@@ -125,9 +133,9 @@ def decode_batch(model, prompts: list[list[int]], samples: int, temperature: flo
             cache.batch_select_indices(idx)
             alive, mask, next_pos, nxt = alive[idx], mask[idx], next_pos[idx], nxt[idx]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        logits, cache, next_pos = out.logits[:, -1], out.past_key_values, next_pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **{kw: cache})
+        logits, next_pos = out.logits[:, -1], next_pos + 1
     return tokens
 
 
@@ -145,7 +153,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, n: int, tempe
     order = sorted(range(len(prompts)), key=lambda p: (prompts[p], p))
     per_batch = max(1, batch_size // samples)
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, model.generation_config)
     device = next(model.parameters()).device
     out: list[list[dict]] = [[] for _ in prompts]
     with torch.inference_mode():

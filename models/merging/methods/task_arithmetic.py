@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from kernels.merge import sign_elect_disjoint_mean
 
 from . import sparsify as sp
-from .registry import MergeMethod, Params, register
+from .base import MergeMethod, Params
 
 Density = Annotated[float, Field(gt=0, le=1)]
 
@@ -128,12 +128,9 @@ FAMILY = [
     ("della_linear", _della_magprune, False, DareParams, DellaModel, "arxiv.org/abs/2406.11617"),
 ]
 
-for _name, _sparsifier, _consensus, _params, _model_params, _ref in FAMILY:
-    register(MergeMethod(
-        name=_name,
-        fn=partial(generalized_task_arithmetic, sparsifier=_sparsifier, consensus=_consensus),
-        params=_params,
-        model_params=_model_params,
-        base="required",
-        reference=_ref,
-    ))
+# This family's methods; models/merging/registry.py lists every family.
+METHODS = [
+    MergeMethod(name=name, fn=partial(generalized_task_arithmetic, sparsifier=sparsifier, consensus=consensus),
+                params=params, model_params=model_params, base="required", reference=ref)
+    for name, sparsifier, consensus, params, model_params, ref in FAMILY
+]

@@ -2,7 +2,7 @@
 
 import torch
 
-from .registry import MergeMethod, Params, register
+from .base import MergeMethod, Params
 
 
 class SlerpParams(Params):
@@ -76,15 +76,19 @@ def model_stock(base, tensors, models, p: ModelStockParams, generator) -> torch.
     return (t * (sum(ws) / n) + (1 - t) * b).reshape(shape)
 
 
-register(MergeMethod(
-    name="slerp", fn=slerp, params=SlerpParams, base="required", min_inputs=2, max_inputs=2,
-    reference="en.wikipedia.org/wiki/Slerp",
-))
-register(MergeMethod(
-    name="nearswap", fn=nearswap, params=NearswapParams, base="required", min_inputs=2, max_inputs=2,
-    reference="huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-))
-register(MergeMethod(
-    name="model_stock", fn=model_stock, params=ModelStockParams, base="required", min_inputs=3,
-    reference="arxiv.org/abs/2403.19522",
-))
+
+# This family's methods; models/merging/registry.py lists every family.
+METHODS = [
+    MergeMethod(
+        name="slerp", fn=slerp, params=SlerpParams, base="required", min_inputs=2, max_inputs=2,
+        reference="en.wikipedia.org/wiki/Slerp",
+    ),
+    MergeMethod(
+        name="nearswap", fn=nearswap, params=NearswapParams, base="required", min_inputs=2, max_inputs=2,
+        reference="huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    MergeMethod(
+        name="model_stock", fn=model_stock, params=ModelStockParams, base="required", min_inputs=3,
+        reference="arxiv.org/abs/2403.19522",
+    ),
+]

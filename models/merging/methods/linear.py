@@ -2,7 +2,7 @@
 
 import torch
 
-from .registry import MergeMethod, Params, register
+from .base import MergeMethod, Params
 
 
 class LinearModel(Params):
@@ -42,8 +42,12 @@ def passthrough(base, tensors: list[torch.Tensor], models: list[PassthroughModel
     return tensors[0] if scale is None else tensors[0] * scale
 
 
-register(MergeMethod(
-    name="linear", fn=linear, params=LinearParams, model_params=LinearModel, check=_check_linear,
-    reference="arxiv.org/abs/2203.05482",
-))
-register(MergeMethod(name="passthrough", fn=passthrough, model_params=PassthroughModel, max_inputs=1))
+
+# This family's methods; models/merging/registry.py lists every family.
+METHODS = [
+    MergeMethod(
+        name="linear", fn=linear, params=LinearParams, model_params=LinearModel, check=_check_linear,
+        reference="arxiv.org/abs/2203.05482",
+    ),
+    MergeMethod(name="passthrough", fn=passthrough, model_params=PassthroughModel, max_inputs=1),
+]

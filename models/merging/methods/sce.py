@@ -5,7 +5,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from .registry import MergeMethod, Params, register
+from .base import MergeMethod, Params
 
 
 class SceParams(Params):
@@ -60,6 +60,10 @@ def sce(base, tensors, models, p: SceParams, generator) -> torch.Tensor:
     return base + (d * eta).sum(dim=0) / eta.sum(dim=0).clamp(min=1e-6)
 
 
-register(MergeMethod(
-    name="sce", fn=sce, params=SceParams, base="required", reference="arxiv.org/abs/2408.07990",
-))
+
+# This family's methods; models/merging/registry.py lists every family.
+METHODS = [
+    MergeMethod(
+        name="sce", fn=sce, params=SceParams, base="required", reference="arxiv.org/abs/2408.07990",
+    ),
+]

@@ -21,7 +21,7 @@ estimate's own spread; tensors of at most 1e6 elements use every element, exactl
 import torch
 import torch.nn.functional as F
 
-from .registry import MergeMethod, register
+from .base import MergeMethod
 
 SAMPLE_SIZE = 1_000_000  # mergekit's _QUANTILE_SAMPLE_SIZE
 QUANTILES = (0.25, 0.5, 0.75)
@@ -69,7 +69,11 @@ def arcee_fusion(base, tensors, models, p, generator) -> torch.Tensor:
     return (base + delta * mask.float()).reshape(shape)
 
 
-register(MergeMethod(
-    name="arcee_fusion", fn=arcee_fusion, base="required", min_inputs=2, max_inputs=2,
-    reference="github.com/arcee-ai/mergekit (merge_methods/arcee_fusion.py)",
-))
+
+# This family's methods; models/merging/registry.py lists every family.
+METHODS = [
+    MergeMethod(
+        name="arcee_fusion", fn=arcee_fusion, base="required", min_inputs=2, max_inputs=2,
+        reference="github.com/arcee-ai/mergekit (merge_methods/arcee_fusion.py)",
+    ),
+]

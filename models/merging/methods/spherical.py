@@ -15,8 +15,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from .registry import MergeMethod, Params, register
-
+from .base import MergeMethod, Params
 
 # ----------------------------------------------------------------------------- nuslerp
 
@@ -201,14 +200,18 @@ def karcher(base, tensors, models, p: KarcherParams, generator) -> torch.Tensor:
     return karcher_mean(tensors, [1.0 / len(tensors)] * len(tensors), p.max_iter, p.tol)
 
 
-register(MergeMethod(
-    name="nuslerp", fn=nuslerp, params=NuslerpParams, model_params=NuslerpModel, base="optional",
-    min_inputs=2, max_inputs=3, models_besides_base=2, reference="github.com/arcee-ai/mergekit (merge_methods/nuslerp.py)",
-))
-register(MergeMethod(
-    name="multislerp", fn=multislerp, params=MultislerpParams, model_params=MultislerpModel, base="optional",
-    min_inputs=2, check=_check_multislerp, reference="goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-))
-register(MergeMethod(
-    name="karcher", fn=karcher, params=KarcherParams, min_inputs=1, reference="en.wikipedia.org/wiki/Karcher_mean",
-))
+
+# This family's methods; models/merging/registry.py lists every family.
+METHODS = [
+    MergeMethod(
+        name="nuslerp", fn=nuslerp, params=NuslerpParams, model_params=NuslerpModel, base="optional",
+        min_inputs=2, max_inputs=3, models_besides_base=2, reference="github.com/arcee-ai/mergekit (merge_methods/nuslerp.py)",
+    ),
+    MergeMethod(
+        name="multislerp", fn=multislerp, params=MultislerpParams, model_params=MultislerpModel, base="optional",
+        min_inputs=2, check=_check_multislerp, reference="goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    MergeMethod(
+        name="karcher", fn=karcher, params=KarcherParams, min_inputs=1, reference="en.wikipedia.org/wiki/Karcher_mean",
+    ),
+]

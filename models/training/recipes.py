@@ -10,8 +10,8 @@ papers ran them).
   the teacher's pass rate on their prompt (lowest first; ties keep the data order).
 
 Public API:
-    recipe_stages(recipe, specialised, *, general, pass_rates, dmt_k, hard_fraction, seed) -> [[example]]
-    train_recipe(model_dir, stages, out_dir, *, checkpoint_dir, **train_sft_kwargs) -> metrics
+    recipe_stages(cfg, specialised, *, general, pass_rates, seed) -> [[example]]
+    train_recipe(cfg, model_dir, stages, out_dir, *, seed, checkpoint_dir, **train_sft_kwargs) -> metrics
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from models.sft import train_sft
-
-RECIPES = ("single", "dmt", "curriculum")
+from models.training.config import SFTConfig
+from models.training.sft import train_sft
 DONE = "stage_metrics.json"  # written last into a finished intermediate stage's model folder
 
 
@@ -47,20 +46,20 @@ def curriculum_stages(examples: list[dict], pass_rates: list[float], hard_fracti
     return [list(examples), [examples[i] for i in hardest]]
 
 
-def recipe_stages(recipe: str, specialised: list[dict], *, general: list[dict], pass_rates: list[float],
-                  dmt_k: float, hard_fraction: float, seed: int) -> list[list[dict]]:
-    if recipe == "single":
-        return [list(specialised)]
-    if recipe == "dmt":
-        return dmt_stages(specialised, general, dmt_k, seed)
-    if recipe == "curriculum":
-        return curriculum_stages(specialised, pass_rates, hard_fraction)
-    raise ValueError(f"sft.recipe={recipe!r}: expected one of {RECIPES}")
+def recipe_stages(cfg: SFTConfig, specialised: list[dict], *, general: list[dict], pass_rates: list[float],
+                  seed: int) -> list[list[dict]]:
+    """The stages cfg.recipe makes of a branch's examples (cfg.dmt_k, cfg.hard_fraction as the recipe needs)."""
+    if cfg.recipe == "dmt":
+        return dmt_stages(specialised, general, cfg.dmt_k, seed)
+    if cfg.recipe == "curriculum":
+        return curriculum_stages(specialised, pass_rates, cfg.hard_fraction)
+    return [list(specialised)]
 
 
-def train_recipe(model_dir, stages: list[list[dict]], out_dir, *, checkpoint_dir=None, **train_kwargs) -> dict:
-    """Run the stages in order; the last writes `out_dir`. Returns the last stage's train_sft metrics plus
-    "stages" (every stage's) and totals of steps, tokens and wall time.
+def train_recipe(cfg: SFTConfig, model_dir, stages: list[list[dict]], out_dir, *, seed: int, checkpoint_dir=None,
+                 **train_kwargs) -> dict:
+    """Run the stages in order (train_sft with cfg each); the last writes `out_dir`. Returns the last stage's
+    train_sft metrics plus "stages" (every stage's) and totals of steps and tokens.
 
     With a checkpoint_dir, each stage checkpoints under checkpoint_dir/stage-<i> and a finished intermediate
     stage keeps its model there: a rerun after a crash skips the finished stages and resumes the one in progress.
@@ -77,8 +76,8 @@ def train_recipe(model_dir, stages: list[list[dict]], out_dir, *, checkpoint_dir
             else:
                 if not final and target.exists():
                     shutil.rmtree(target)  # half-written by a killed run: the checkpoint has its progress
-                m = train_sft(current, examples, target, checkpoint_dir=stage_dir if checkpoint_dir else None,
-                              **train_kwargs)
+                m = train_sft(cfg, current, examples, target, seed=seed,
+                              checkpoint_dir=stage_dir if checkpoint_dir else None, **train_kwargs)
                 metrics.append(m)
                 if not final:
                     (target / DONE).write_text(json.dumps(m))
@@ -87,5 +86,4 @@ def train_recipe(model_dir, stages: list[list[dict]], out_dir, *, checkpoint_dir
         if checkpoint_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
     return {**metrics[-1], "stages": metrics, "steps_total": sum(m["steps"] for m in metrics),
-            "tokens_total": sum(m["tokens"] for m in metrics),
-            "wall_time_s_total": sum(m["wall_time_s"] for m in metrics)}
+            "tokens_total": sum(m["tokens"] for m in metrics)}

@@ -12,8 +12,10 @@ Public API:
         -> (per-token log-probs, per-token entropy or None)
     selective_logprobs(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl) -> per-token log-probs
     grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, ...) -> (loss, metrics)
-    GRPOModule(model, tokenizer, reward_fn, build_messages, *, ...)
-    train_grpo(model_dir, items, reward_fn, build_messages, out_dir, *, ...) -> dict
+    GRPOModule(model, tokenizer, reward_fn, build_messages, cfg, *, ref_model, micro_batch_size)
+    train_grpo(cfg, model_dir, items, reward_fn, build_messages, out_dir, *, seed, ...) -> dict
+
+Every setting comes from one RLConfig (models/training/config.py, conf/rl/).
 
 Reward function (TRL signature): reward_fn(prompts=[messages]*, completions=[str]*, completion_ids=[[int]]*,
 **columns) -> list[float | None], one entry per completion (B*G, grouped by prompt); `prompts` are the chat
@@ -45,11 +47,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
-from models.sft import end_of_turn_text, load_for_training, make_optimizer, make_trainer, save_model_folder
+from models.lm.chat import stop_token_ids
+from models.lm.hf import save_model_folder
+from models.training.config import RLConfig
+from models.training.toolkit import (check_finite_weights, guard_loss, load_for_training, make_optimizer,
+                                     make_trainer)
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
-LOGPROB_IMPLS = ("plain", "chunked")
 # Config keys of heads that post-process h W^T (softcap, scale): the chunked path would silently drop that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 ADAM_BETAS = (0.9, 0.999)  # HF TrainingArguments defaults, which TRL's GRPO uses
@@ -84,8 +87,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     left out of the group mean/std and gets advantage 0. scale_rewards: "group" divides by the group's std,
     "batch" by the std of the whole batch (group mean still subtracted), "none" does not divide (Dr. GRPO).
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"rl.scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
     if rewards.numel() % num_generations:
         raise ValueError(f"{rewards.numel()} rewards are not a multiple of num_generations={num_generations}")
     rewards = rewards.float()
@@ -95,6 +96,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
         adv = adv / (std.repeat_interleave(num_generations) + STD_EPS)
     elif scale_rewards == "batch":
         adv = adv / (_nan_std(rewards, ~rewards.isnan()) + STD_EPS)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards={scale_rewards!r}: expected group, batch or none")
     return torch.nan_to_num(adv, nan=0.0)
 
 
@@ -176,8 +179,8 @@ def logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep: int, 
     The log-probs carry the gradient, the entropy (a metric) does not. impl "plain" keeps the [B, K, V] logits;
     "chunked" never builds them (kernels.linear_ce.chunked_linear_logprobs, entropy_from_hidden).
     """
-    if impl not in LOGPROB_IMPLS:
-        raise ValueError(f"rl.logprob_impl={impl!r}: expected one of {LOGPROB_IMPLS}")
+    if impl not in ("plain", "chunked"):
+        raise ValueError(f"logprob_impl={impl!r}: expected plain or chunked")
     ids = input_ids[:, -logits_to_keep:]
     if impl == "plain":
         logits = completion_logits(model, input_ids, attention_mask, logits_to_keep)
@@ -211,7 +214,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
     if loss_type == "dapo":  # token mean over the global batch (all micro-batches of the step)
         total = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype)
         return (per_token * mask).sum() / total.clamp(min=1.0)
-    raise ValueError(f"rl.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo or dapo")
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, epsilon: float, epsilon_high: float | None,
@@ -264,17 +267,6 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (torch.arange(width, device=completion_ids.device)[None, :] <= first[:, None]).long()
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """Tokens that end a completion: generation_config eos ids, the tokenizer's eos and the chat end-of-turn."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    ids.add(tokenizer.eos_token_id)
-    eot = tokenizer(end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
-    if len(eot) == 1:
-        ids.add(eot[0])
-    return sorted(i for i in ids if i is not None)
-
-
 class GRPOModule(L.LightningModule):
     """One GRPO step per batch (a list of item dicts): generate, score, advantages, one optimizer step.
 
@@ -283,40 +275,28 @@ class GRPOModule(L.LightningModule):
     (bnpo: TRL's per-micro-batch normalisation, averaged). `history` holds each step's metrics.
     """
 
-    def __init__(self, model, tokenizer, reward_fn, build_messages, *, ref_model, num_generations, lr, beta,
-                 epsilon, epsilon_high, loss_type, scale_rewards, max_new_tokens, temperature, top_p, weight_decay,
-                 logprob_impl, micro_batch_size=None):
+    def __init__(self, model, tokenizer, reward_fn, build_messages, cfg: RLConfig, *, ref_model,
+                 micro_batch_size: int | None = None):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"rl.loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
-        if logprob_impl not in LOGPROB_IMPLS:
-            raise ValueError(f"rl.logprob_impl={logprob_impl!r}: expected one of {LOGPROB_IMPLS}")
-        if scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"rl.scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
-        if num_generations < 2:
-            raise ValueError(f"rl.num_generations={num_generations}: GRPO needs >= 2 completions per prompt")
-        if beta != 0.0 and ref_model is None:
+        if cfg.beta != 0.0 and ref_model is None:
             raise ValueError("rl.beta != 0 needs a reference model")
         self.automatic_optimization = False
         self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
         self.reward_fn, self.build_messages = reward_fn, build_messages
-        self.hp = dict(num_generations=num_generations, lr=lr, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
-                       loss_type=loss_type, scale_rewards=scale_rewards, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, weight_decay=weight_decay,
-                       logprob_impl=logprob_impl, micro_batch_size=micro_batch_size)
-        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.cfg, self.micro_batch_size = cfg, micro_batch_size
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.history: list[dict] = []
         self.tokens = 0
 
     def configure_optimizers(self):
-        return make_optimizer(self.model.parameters(), lr=self.hp["lr"], betas=ADAM_BETAS,
-                              weight_decay=self.hp["weight_decay"])
+        return make_optimizer(self.model.parameters(), lr=self.cfg.lr, betas=ADAM_BETAS,
+                              weight_decay=self.cfg.weight_decay)
 
     @torch.no_grad()
     def generate(self, items: list[dict]) -> dict:
         """Sample G completions per item; rows are grouped by prompt ([p0g0, p0g1, ..., p1g0, ...])."""
-        hp, tok = self.hp, self.tokenizer
+        cfg, tok = self.cfg, self.tokenizer
         messages = [self.build_messages(it) for it in items]
         texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
@@ -324,15 +304,15 @@ class GRPOModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
-            **enc, do_sample=True, temperature=hp["temperature"], top_p=hp["top_p"], top_k=0,  # top_k=0: off, as TRL
-            max_new_tokens=hp["max_new_tokens"], num_return_sequences=hp["num_generations"],
+            **enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,  # top_k=0: off, as TRL
+            max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_generations,
             pad_token_id=self.pad_id, eos_token_id=self.stop_ids, use_cache=True,
         )
         self.model.train(was_training)
         prompt_len = enc["input_ids"].size(1)
         completion_ids = out[:, prompt_len:]
         completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
-        prompt_mask = enc["attention_mask"].repeat_interleave(hp["num_generations"], 0)
+        prompt_mask = enc["attention_mask"].repeat_interleave(cfg.num_generations, 0)
         return {
             "messages": messages, "input_ids": out, "completion_ids": completion_ids,
             "attention_mask": torch.cat([prompt_mask, completion_mask], 1), "completion_mask": completion_mask,
@@ -340,7 +320,7 @@ class GRPOModule(L.LightningModule):
 
     def score(self, items: list[dict], batch: dict) -> torch.Tensor:
         """Call reward_fn with TRL's keyword signature; None -> NaN. Returns [B*G] float32."""
-        G = self.hp["num_generations"]
+        G = self.cfg.num_generations
         ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         columns = {k: [it[k] for it in items for _ in range(G)] for k in items[0]}
@@ -352,30 +332,30 @@ class GRPOModule(L.LightningModule):
 
     def policy_update(self, batch: dict, advantages: torch.Tensor) -> dict:
         """One optimizer step over all completions, micro-batched; returns loss, clip ratios, kl, entropy."""
-        hp = self.hp
+        cfg = self.cfg
         n, K = batch["completion_ids"].shape
         mask = batch["completion_mask"]
         total_tokens = mask.sum()
-        mb = hp["micro_batch_size"] or n
+        mb = self.micro_batch_size or n
         opt = self.optimizers()
         opt.zero_grad()
         sums: dict[str, float] = {}
         for s in range(0, n, mb):
             rows = slice(s, min(s + mb, n))
             ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
-            logps, entropy = logprobs_and_entropy(self.model, ids, attn, K, temperature=hp["temperature"],
-                                                  impl=hp["logprob_impl"])
+            logps, entropy = logprobs_and_entropy(self.model, ids, attn, K, temperature=cfg.temperature,
+                                                  impl=cfg.logprob_impl)
             ref = None
-            if hp["beta"] != 0.0:
+            if cfg.beta != 0.0:
                 with torch.no_grad():
-                    ref = selective_logprobs(self.ref_model, ids, attn, K, temperature=hp["temperature"],
-                                             impl=hp["logprob_impl"])
+                    ref = selective_logprobs(self.ref_model, ids, attn, K, temperature=cfg.temperature,
+                                             impl=cfg.logprob_impl)
             loss, metrics = grpo_loss(
-                logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=hp["epsilon"],
-                epsilon_high=hp["epsilon_high"], beta=hp["beta"], loss_type=hp["loss_type"],
-                max_completion_length=hp["max_new_tokens"], num_items_in_batch=total_tokens,
+                logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=cfg.epsilon,
+                epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_new_tokens, num_items_in_batch=total_tokens,
             )
-            if hp["loss_type"] != "dapo":  # dapo is already normalised over the whole step
+            if cfg.loss_type != "dapo":  # dapo is already normalised over the whole step
                 loss = loss * (rows.stop - rows.start) / n
             self.manual_backward(loss)
             # Token-weighted sums so the step's metrics are token means over all micro-batches.
@@ -384,20 +364,21 @@ class GRPOModule(L.LightningModule):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + w * v
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        guard_loss(sums["loss"], self.trainer.global_step + 1)  # before the update: a NaN step is never applied
         opt.step()
         return sums
 
     def training_step(self, items, batch_idx):
         start = time.perf_counter()
-        hp = self.hp
+        cfg = self.cfg
         if self.ref_model is not None:
             self.ref_model.eval()  # frozen: keep it in eval mode whatever mode the caller or Lightning set
         batch = self.generate(items)
         rewards = self.score(items, batch)
-        advantages = group_advantages(rewards, hp["num_generations"], hp["scale_rewards"])
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
         metrics = self.policy_update(batch, advantages)
 
-        _, std = group_stats(rewards, hp["num_generations"])
+        _, std = group_stats(rewards, cfg.num_generations)
         lengths = batch["completion_mask"].sum(1).float()
         truncated = ~torch.isin(batch["completion_ids"], torch.tensor(self.stop_ids, device=self.device)).any(1)
         self.tokens += int(batch["attention_mask"].sum())
@@ -407,11 +388,12 @@ class GRPOModule(L.LightningModule):
             "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float(truncated.float().mean()),
-            "tokens": float(self.tokens), "step_time": time.perf_counter() - start,
+            "tokens": float(self.tokens),
         })
-        self.history.append(metrics)
+        self.history.append(metrics)  # deterministic numbers only: the history is part of the artifact
         for k, v in metrics.items():
             self.log(f"train/{k}", v, on_step=True, prog_bar=k in ("reward", "loss"), batch_size=len(items))
+        self.log("train/step_time", time.perf_counter() - start, on_step=True, batch_size=len(items))
 
 
 def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> list[list[int]]:
@@ -425,42 +407,33 @@ def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> li
     return [order[s * prompts_per_step : (s + 1) * prompts_per_step] for s in range(steps)]
 
 
-def train_grpo(model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, steps: int, prompts_per_step: int,
-               num_generations: int, lr: float, beta: float, epsilon: float, epsilon_high: float | None,
-               loss_type: str, scale_rewards: str, max_new_tokens: int, temperature: float, top_p: float,
-               weight_decay: float, precision: str, seed: int, save_dtype: str, logprob_impl: str, logger=None,
-               progress: bool = True, micro_batch_size: int | None = None) -> dict:
-    """GRPO-train the model in `model_dir` for `steps` steps on `items`, save an HF folder to `out_dir`.
+def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, seed: int,
+               logger=None, progress: bool = True, micro_batch_size: int | None = None) -> dict:
+    """GRPO-train the model in `model_dir` for cfg.steps steps on `items`, save an HF folder to `out_dir`.
 
-    build_messages(item) -> chat messages for the prompt. logprob_impl: "plain" | "chunked" (module docstring).
-    The reference model (beta != 0) is a frozen copy of
-    model_dir. Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens", "wall_time_s"}.
+    build_messages(item) -> chat messages for the prompt. The reference model (cfg.beta != 0) is a frozen copy
+    of model_dir. Raises DivergedError at the first non-finite loss or if the trained weights are not finite.
+    Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens"}.
     """
     if not items:
         raise ValueError("rl: no items to train on")
-    start = time.perf_counter()
     L.seed_everything(seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ref_model = None
-    if beta != 0.0:
+    if cfg.beta != 0.0:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    module = GRPOModule(
-        load_for_training(model_dir), tokenizer, reward_fn, build_messages, ref_model=ref_model,
-        num_generations=num_generations, lr=lr, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high,
-        loss_type=loss_type, scale_rewards=scale_rewards, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, weight_decay=weight_decay, logprob_impl=logprob_impl, micro_batch_size=micro_batch_size,
-    )
-    batches = [[items[i] for i in idx] for idx in step_items(len(items), steps, prompts_per_step, seed)]
+    module = GRPOModule(load_for_training(model_dir), tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model,
+                        micro_batch_size=micro_batch_size)
+    batches = [[items[i] for i in idx] for idx in step_items(len(items), cfg.steps, cfg.prompts_per_step, seed)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen reference model
-        trainer = make_trainer(max_steps=steps, max_epochs=1, grad_accum=1, precision=precision, logger=logger,
-                               progress=progress, root_dir=root)
+        trainer = make_trainer(max_steps=cfg.steps, max_epochs=1, grad_accum=1, precision=cfg.precision,
+                               logger=logger, progress=progress, root_dir=root)
         trainer.fit(module, train_dataloaders=loader)
 
-    save_model_folder(module.model, tokenizer, out_dir, save_dtype)
-    return {
-        "steps": len(module.history), "reward": module.history[-1]["reward"], "history": module.history,
-        "tokens": module.tokens, "wall_time_s": time.perf_counter() - start
-    }
+    check_finite_weights(module.model, trainer.global_step)
+    save_model_folder(module.model, tokenizer, out_dir, cfg.save_dtype)
+    return {"steps": len(module.history), "reward": module.history[-1]["reward"], "history": module.history,
+            "tokens": module.tokens}
