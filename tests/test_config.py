@@ -2,7 +2,8 @@
 import pytest
 
 from flows.config import compose
-from flows.schema import MERGE_METHODS, ConfigError
+from flows.schema import ConfigError
+from models.merging.config import MERGE_METHODS
 
 
 def test_default_and_experiments_compose():

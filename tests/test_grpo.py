@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.training.config import RLConfig
 from models.training.grpo import (
     completion_hidden,
     completion_mask_from_ids,
@@ -328,9 +329,15 @@ class ToyReward:
         return [None if i % 8 == 7 else r for i, r in enumerate(rewards)]
 
 
-GRPO = dict(steps=2, prompts_per_step=2, num_generations=4, lr=1e-3, beta=0.04, epsilon=0.2, epsilon_high=0.28,
-            loss_type="dapo", scale_rewards="group", max_new_tokens=8, temperature=1.0, top_p=0.95,
-            weight_decay=0.0, precision="32-true", seed=0, save_dtype="float32", logprob_impl="plain", progress=False)
+# Every RLConfig field, set for tests; tests change what they test.
+GRPO = dict(enabled=True, steps=2, prompts_per_step=2, num_generations=4, lr=1e-3, beta=0.04, epsilon=0.2,
+            epsilon_high=0.28, loss_type="dapo", scale_rewards="group", max_new_tokens=8, temperature=1.0, top_p=0.95,
+            weight_decay=0.0, precision="32-true", save_dtype="float32", logprob_impl="plain")
+
+
+def grpo(model_dir, reward, out, micro_batch_size=None, logger=None, **changes):
+    return train_grpo(RLConfig(**(GRPO | changes)), model_dir, ITEMS, reward, build_messages, out, seed=0,
+                      logger=logger, progress=False, micro_batch_size=micro_batch_size)
 
 
 def test_train_grpo_two_steps_writes_loadable_folder(tiny_model_dir, tmp_path):
@@ -338,8 +345,7 @@ def test_train_grpo_two_steps_writes_loadable_folder(tiny_model_dir, tmp_path):
 
     reward = ToyReward()
     logger = CSVLogger(tmp_path / "logs", name="grpo")
-    out = train_grpo(tiny_model_dir, ITEMS, reward, build_messages, tmp_path / "rl", logger=logger,
-                     micro_batch_size=3, **GRPO)
+    out = grpo(tiny_model_dir, reward, tmp_path / "rl", logger=logger, micro_batch_size=3)
     assert out["steps"] == 2 and len(reward.calls) == 2
     for call, step in zip(reward.calls, out["history"]):
         assert len(call["completions"]) == len(call["prompts"]) == len(call["completion_ids"]) == 8
@@ -363,9 +369,9 @@ def test_train_grpo_two_steps_writes_loadable_folder(tiny_model_dir, tmp_path):
 
 
 def test_train_grpo_is_deterministic_for_a_seed(tiny_model_dir, tmp_path):
-    settings = dict(GRPO, beta=0.0, loss_type="grpo", scale_rewards="none", steps=1)
-    a = train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / "a", **settings)
-    b = train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / "b", **settings)
+    settings = dict(beta=0.0, loss_type="grpo", scale_rewards="none", steps=1)
+    a = grpo(tiny_model_dir, ToyReward(), tmp_path / "a", **settings)
+    b = grpo(tiny_model_dir, ToyReward(), tmp_path / "b", **settings)
     assert a["history"][0]["reward"] == b["history"][0]["reward"]
     wa, wb = load_file(f"{tmp_path}/a/model.safetensors"), load_file(f"{tmp_path}/b/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -374,9 +380,8 @@ def test_train_grpo_is_deterministic_for_a_seed(tiny_model_dir, tmp_path):
 def test_train_grpo_chunked_logprobs_train_like_plain(tiny_model_dir, tmp_path):
     # Same seed, so the same completions; the chunked log-probs give the plain step's loss, kl, entropy and
     # weights up to float rounding (beta != 0: the reference's log-probs are chunked too).
-    settings = dict(GRPO, temperature=0.7, micro_batch_size=3)
-    runs = {impl: train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / impl,
-                             **dict(settings, logprob_impl=impl))
+    runs = {impl: grpo(tiny_model_dir, ToyReward(), tmp_path / impl, micro_batch_size=3, temperature=0.7,
+                       logprob_impl=impl)
             for impl in ("plain", "chunked")}
     for plain, chunked in zip(runs["plain"]["history"], runs["chunked"]["history"], strict=True):
         assert chunked["reward"] == plain["reward"]
@@ -392,9 +397,8 @@ def test_train_grpo_chunked_logprobs_train_like_plain(tiny_model_dir, tmp_path):
 def test_train_grpo_chunked_logprobs_run_under_bf16_autocast(tiny_model_dir, tmp_path):
     # The conf's setting (bf16-mixed, chunked): the kernel gets autocast's float32 hidden states and weight.
     # (Step 1's loss does not depend on the log-probs: the ratio is 1 and the policy is the reference.)
-    settings = dict(GRPO, steps=1, temperature=0.7, precision="bf16-mixed")
-    plain, chunked = (train_grpo(tiny_model_dir, ITEMS, ToyReward(), build_messages, tmp_path / impl,
-                                 **dict(settings, logprob_impl=impl))["history"][0]
+    plain, chunked = (grpo(tiny_model_dir, ToyReward(), tmp_path / impl, steps=1, temperature=0.7,
+                           precision="bf16-mixed", logprob_impl=impl)["history"][0]
                       for impl in ("plain", "chunked"))
     assert chunked["reward"] == plain["reward"]
     assert chunked["entropy"] == pytest.approx(plain["entropy"], rel=1e-3)  # both from bf16 logits

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.data.packing import IGNORE_INDEX, block_causal_mask, pack_examples, packed_collate, packed_model_inputs
 from models.training.sft import masked_lm_loss, pad_collate, train_sft
+from tests.test_sft import sft_config, varied_examples
 
 PAD = 0
 
@@ -171,23 +172,14 @@ def test_flash_varlen_packed_logits_equal_each_example_alone():
 
 # ----------------------------------------------------------------------------------------------- training
 
-SETTINGS = dict(lr=3e-3, epochs=3, max_steps=-1, grad_accum=1, max_length=128, warmup_ratio=0.0, weight_decay=0.0,
-                betas=(0.9, 0.999), scheduler="constant_with_warmup", precision="32-true", seed=0,
-                save_dtype="float32", loss_impl="plain", finetune="full", lora=None, gradient_checkpointing=False, loss="nll", poft_length_normalize=True,
-                checkpoint_every=0, progress=False)
-
-
-def varied_examples():
-    return [{"messages": [{"role": "user", "content": f"Count to {n}."}],
-             "completion": " ".join(str(i) for i in range(1, n + 1))} for n in (2, 9, 4, 15, 6, 1, 11)]
 
 
 def test_train_sft_packed_equals_unpacked_when_steps_see_the_same_examples(tiny_model_dir, tmp_path):
     # Batches big enough for all 7 examples (unpacked: 7 rows; packed: fewer rows): every step sees every example,
     # so the two runs take the same optimizer steps and only the batch layout differs.
-    plain = train_sft(tiny_model_dir, varied_examples(), tmp_path / "plain", batch_size=7, packing=False, **SETTINGS)
-    packed = train_sft(tiny_model_dir, varied_examples(), tmp_path / "packed", batch_size=7, packing=True,
-                       **SETTINGS)
+    plain, packed = (train_sft(sft_config(epochs=3, batch_size=7, packing=packing), tiny_model_dir, varied_examples(),
+                               tmp_path / name, seed=0, progress=False)
+                     for name, packing in (("plain", False), ("packed", True)))
     assert plain["rows"] == 7 and packed["rows"] < 7 and packed["steps"] == plain["steps"] == 3
     assert packed["tokens"] == plain["tokens"] and packed["target_tokens"] == plain["target_tokens"]
     assert packed["loss_history"] == pytest.approx(plain["loss_history"], rel=1e-5)

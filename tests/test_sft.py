@@ -7,22 +7,24 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.training.sft import (
-    IGNORE_INDEX,
-    end_of_turn_text,
-    length_batches,
-    masked_lm_loss,
-    tokenize_example,
-    train_sft,
-)
+from models.lm.chat import end_of_turn_text
+from models.training.config import SFTConfig
+from models.training.sft import IGNORE_INDEX, length_batches, masked_lm_loss, tokenize_example, train_sft
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 6 times 7?"}]
 COMPLETION = "6 * 7 = 42, so the answer is <answer>42</answer>."
 
+# Every SFTConfig field, set for tests (small, fast, float32, no checkpoints); tests change what they test.
 SETTINGS = dict(lr=3e-3, epochs=1, max_steps=-1, batch_size=2, grad_accum=1, max_length=128, warmup_ratio=0.0,
                 weight_decay=0.0, betas=(0.9, 0.999), scheduler="constant_with_warmup", precision="32-true",
-                seed=0, save_dtype="float32", packing=False, loss_impl="plain", finetune="full", lora=None, gradient_checkpointing=False, loss="nll", poft_length_normalize=True,
-                checkpoint_every=0, progress=False)
+                save_dtype="float32", packing=False, loss_impl="plain", finetune="full",
+                lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                gradient_checkpointing=False, checkpoint_every=0, loss="nll", poft_reference="base",
+                poft_length_normalize=True, recipe="single", dmt_k=0.25, hard_fraction=0.3)
+
+
+def sft_config(**changes) -> SFTConfig:
+    return SFTConfig(**(SETTINGS | changes))
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +135,9 @@ def reference_sft(model_dir, ids, labels, *, steps, lr, betas, weight_decay, war
 def test_train_sft_equals_plain_loop_and_reloads(tiny_model_dir, tok, tmp_path):
     # One repeated example: every batch is the same, so the batch order cannot matter.
     examples = [{"messages": MESSAGES, "completion": COMPLETION}] * 4
-    settings = dict(SETTINGS, lr=5e-3, epochs=3, max_steps=5, warmup_ratio=0.3, weight_decay=0.1,
+    settings = dict(lr=5e-3, epochs=3, max_steps=5, warmup_ratio=0.3, weight_decay=0.1,
                     betas=(0.9, 0.95), scheduler="cosine")
-    out = train_sft(tiny_model_dir, examples, tmp_path / "sft", **settings)
+    out = train_sft(sft_config(**settings), tiny_model_dir, examples, tmp_path / "sft", seed=0, progress=False)
     assert out["steps"] == 5 and len(out["loss_history"]) == 5  # max_steps (5) < 3 epochs x 2 batches
 
     ex = tokenize_example(tok, MESSAGES, COMPLETION, 128)
@@ -163,7 +165,8 @@ def varied_examples():
 
 
 def test_train_sft_same_seed_same_weights(tiny_model_dir, tmp_path):
-    runs = {name: train_sft(tiny_model_dir, varied_examples(), tmp_path / name, **dict(SETTINGS, seed=seed))
+    runs = {name: train_sft(sft_config(), tiny_model_dir, varied_examples(), tmp_path / name, seed=seed,
+                            progress=False)
             for name, seed in (("a", 7), ("b", 7), ("c", 8))}
     a, b, c = (weights(tmp_path / n) for n in "abc")
     assert runs["a"]["loss_history"] == runs["b"]["loss_history"]
@@ -175,8 +178,8 @@ def test_train_sft_bf16_accumulation_logs_and_saves_bf16(tiny_model_dir, tmp_pat
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path / "logs", name="sft")
-    settings = dict(SETTINGS, batch_size=2, grad_accum=3, epochs=2, precision="bf16-mixed", save_dtype="bfloat16")
-    out = train_sft(tiny_model_dir, varied_examples(), tmp_path / "sft", logger=logger, **settings)
+    cfg = sft_config(batch_size=2, grad_accum=3, epochs=2, precision="bf16-mixed", save_dtype="bfloat16")
+    out = train_sft(cfg, tiny_model_dir, varied_examples(), tmp_path / "sft", seed=0, logger=logger, progress=False)
     assert out["steps"] == 2 * math.ceil(math.ceil(7 / 2) / 3)  # 4 batches per epoch -> 2 optimizer steps
     assert all(math.isfinite(x) for x in out["loss_history"])
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft").dtype == torch.bfloat16
@@ -184,17 +187,17 @@ def test_train_sft_bf16_accumulation_logs_and_saves_bf16(tiny_model_dir, tmp_pat
     assert {"train/loss", "train/lr", "train/tokens"} <= set(header)
 
 
-def test_train_sft_rejects_unknown_scheduler(tiny_model_dir, tmp_path):
+def test_sft_config_rejects_unknown_scheduler():
     with pytest.raises(ValueError, match="cosine"):
-        train_sft(tiny_model_dir, varied_examples(), tmp_path / "x", **dict(SETTINGS, scheduler="linear"))
+        sft_config(scheduler="linear")
 
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_chunked_loss_trains_like_the_plain_loss(tiny_model_dir, tmp_path, packing):
     # Same model, data and seed: the chunked linear cross-entropy (kernels/linear_ce.py) gives the plain loss's
     # loss history and weights up to float rounding, without ever building [tokens, vocab] logits.
-    runs = {impl: train_sft(tiny_model_dir, varied_examples(), tmp_path / impl,
-                            **dict(SETTINGS, packing=packing, loss_impl=impl, max_steps=3, epochs=2))
+    runs = {impl: train_sft(sft_config(packing=packing, loss_impl=impl, max_steps=3, epochs=2), tiny_model_dir,
+                            varied_examples(), tmp_path / impl, seed=0, progress=False)
             for impl in ("plain", "chunked")}
     assert runs["chunked"]["loss_history"] == pytest.approx(runs["plain"]["loss_history"], rel=1e-5)
     plain, chunked = weights(tmp_path / "plain"), weights(tmp_path / "chunked")
@@ -203,7 +206,7 @@ def test_chunked_loss_trains_like_the_plain_loss(tiny_model_dir, tmp_path, packi
 
 
 def test_chunked_loss_runs_under_bf16_autocast(tiny_model_dir, tmp_path):
-    plain, chunked = (train_sft(tiny_model_dir, varied_examples(), tmp_path / impl,
-                                **dict(SETTINGS, precision="bf16-mixed", loss_impl=impl, max_steps=2))
+    plain, chunked = (train_sft(sft_config(precision="bf16-mixed", loss_impl=impl, max_steps=2), tiny_model_dir,
+                                varied_examples(), tmp_path / impl, seed=0, progress=False)
                       for impl in ("plain", "chunked"))
     assert chunked["loss_history"] == pytest.approx(plain["loss_history"], rel=2e-2)

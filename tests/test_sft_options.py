@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.training.config import SFTConfig
 from models.training.recipes import curriculum_stages, dmt_stages, recipe_stages, train_recipe
-from models.training.sft import CHECKPOINT, SFTModule, pad_collate, reference_logps, tokenize_example, train_sft
-from tests.test_sft import SETTINGS, varied_examples
+from models.training.sft import SFTModule, pad_collate, reference_logps, tokenize_example, train_sft
+from models.training.toolkit import CHECKPOINT
+from tests.test_sft import SETTINGS, sft_config, varied_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,7 @@ def assert_same_weights(a, b):
 KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
     from models.training import sft
+    from models.training.config import SFTConfig
 
     model_dir, out, checkpoints, kill_at, settings = sys.argv[1:6]
     kill_at, settings = int(kill_at), json.loads(settings)
@@ -49,7 +52,7 @@ KILLED_RUN = textwrap.dedent("""
     sft.SFTModule.on_train_batch_end = on_train_batch_end
     examples = [{"messages": [{"role": "user", "content": f"Count to {n}."}],
                  "completion": " ".join(str(i) for i in range(1, n + 1))} for n in (2, 9, 4, 15, 6, 1, 11)]
-    sft.train_sft(model_dir, examples, out, checkpoint_dir=checkpoints, **settings)
+    sft.train_sft(SFTConfig(**settings), model_dir, examples, out, seed=0, checkpoint_dir=checkpoints, progress=False)
 """)
 
 
@@ -60,20 +63,19 @@ KILLED_RUN = textwrap.dedent("""
 ])
 def test_killed_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path, grad_accum, every, kill_at):
     settings = dict(SETTINGS, epochs=3, grad_accum=grad_accum, checkpoint_every=every, betas=[0.9, 0.999])
-    settings.pop("progress")
     total = 3 * math.ceil(4 / grad_accum)
     checkpoints = tmp_path / "ckpt"
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tiny_model_dir), str(tmp_path / "resumed"),
-                             str(checkpoints), str(kill_at), json.dumps(dict(settings, progress=False))],
+                             str(checkpoints), str(kill_at), json.dumps(settings)],
                             cwd=ROOT, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (checkpoints / CHECKPOINT).exists() and not (tmp_path / "resumed").exists()
     assert not list(checkpoints.glob(".*.tmp"))
 
-    resumed = train_sft(tiny_model_dir, varied_examples(), tmp_path / "resumed", checkpoint_dir=checkpoints,
-                        progress=False, **settings)
-    whole = train_sft(tiny_model_dir, varied_examples(), tmp_path / "whole", progress=False,
-                      **dict(settings, checkpoint_every=0))
+    resumed = train_sft(SFTConfig(**settings), tiny_model_dir, varied_examples(), tmp_path / "resumed", seed=0,
+                        checkpoint_dir=checkpoints, progress=False)
+    whole = train_sft(SFTConfig(**(settings | {"checkpoint_every": 0})), tiny_model_dir, varied_examples(),
+                      tmp_path / "whole", seed=0, progress=False)
     saved_at = (kill_at // every) * every
     assert resumed["resumed_from_step"] == saved_at and whole["resumed_from_step"] == 0
     assert resumed["steps"] == whole["steps"] == total
@@ -83,12 +85,13 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_pat
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tiny_model_dir, tmp_path):
-    settings = dict(SETTINGS, checkpoint_every=2, max_steps=3)
-    train_sft(tiny_model_dir, varied_examples(), tmp_path / "a", checkpoint_dir=tmp_path / "ckpt", **settings)
+    settings = dict(checkpoint_every=2, max_steps=3)
+    train_sft(sft_config(**settings), tiny_model_dir, varied_examples(), tmp_path / "a", seed=0,
+              checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert (tmp_path / "ckpt" / CHECKPOINT).exists()
     with pytest.raises(ValueError, match="written by another SFT run"):
-        train_sft(tiny_model_dir, varied_examples(), tmp_path / "b", checkpoint_dir=tmp_path / "ckpt",
-                  **dict(settings, lr=1e-3))
+        train_sft(sft_config(**settings, lr=1e-3), tiny_model_dir, varied_examples(), tmp_path / "b", seed=0,
+                  checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert not (tmp_path / "b").exists()
 
 
@@ -98,8 +101,8 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj
 
 
 def test_lora_trains_low_rank_updates_of_the_targets_only(tiny_model_dir, tmp_path):
-    out = train_sft(tiny_model_dir, varied_examples(), tmp_path / "lora",
-                    **dict(SETTINGS, finetune="lora", lora=LORA, lr=2e-2, epochs=2))
+    out = train_sft(sft_config(finetune="lora", lora=LORA, lr=2e-2, epochs=2), tiny_model_dir, varied_examples(),
+                    tmp_path / "lora", seed=0, progress=False)
     assert out["loss_history"][-1] < out["loss_history"][0]
     base, tuned = weights(tiny_model_dir), weights(tmp_path / "lora")
     assert set(tuned) == set(base)  # adapters merged: a plain HF folder, no lora_A / lora_B tensors
@@ -111,18 +114,17 @@ def test_lora_trains_low_rank_updates_of_the_targets_only(tiny_model_dir, tmp_pa
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_lora_settings_are_checked(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"sft.lora=.*expected exactly the keys r, alpha, dropout, target_modules"):
-        train_sft(tiny_model_dir, varied_examples(), tmp_path / "x",
-                  **dict(SETTINGS, finetune="lora", lora={"r": 4, "alpha": 8}))
-    with pytest.raises(ValueError, match="sft.finetune='qlora'"):
-        train_sft(tiny_model_dir, varied_examples(), tmp_path / "x", **dict(SETTINGS, finetune="qlora"))
+def test_lora_settings_are_checked():
+    with pytest.raises(ValueError, match=r"lora.dropout\n  Field required"):
+        sft_config(finetune="lora", lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    with pytest.raises(ValueError, match="finetune\n  Input should be 'full' or 'lora'"):
+        sft_config(finetune="qlora")
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, tmp_path, finetune):
-    runs = {gc: train_sft(tiny_model_dir, varied_examples(), tmp_path / str(gc),
-                          **dict(SETTINGS, finetune=finetune, lora=LORA, gradient_checkpointing=gc, max_steps=3))
+    runs = {gc: train_sft(sft_config(finetune=finetune, lora=LORA, gradient_checkpointing=gc, max_steps=3),
+                          tiny_model_dir, varied_examples(), tmp_path / str(gc), seed=0, progress=False)
             for gc in (False, True)}
     assert runs[True]["loss_history"] == pytest.approx(runs[False]["loss_history"], rel=1e-6)
     a, b = weights(tmp_path / "False"), weights(tmp_path / "True")
@@ -164,8 +166,8 @@ def test_poft_loss_equals_its_formula(tiny_model_dir, tmp_path, loss_impl, lengt
             for e, r in zip(examples, ref)]
     batch = pad_collate(rows, tok.pad_token_id)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    module = SFTModule(policy, lr=1, betas=(0.9, 0.9), weight_decay=0, scheduler="cosine", warmup_ratio=0,
-                       total_steps=1, loss_impl=loss_impl, loss="poft", poft_length_normalize=length_normalize)
+    module = SFTModule(policy, sft_config(loss_impl=loss_impl, loss="poft", poft_length_normalize=length_normalize),
+                       total_steps=1)
     loss = module.loss(batch)
 
     ids, labels = batch["input_ids"], batch["labels"]
@@ -186,13 +188,12 @@ def test_poft_loss_equals_its_formula(tiny_model_dir, tmp_path, loss_impl, lengt
 
 
 def test_poft_against_itself_starts_at_log_2(tiny_model_dir, tmp_path):
-    out = train_sft(tiny_model_dir, varied_examples(), tmp_path / "poft", reference_dir=tiny_model_dir,
-                    **dict(SETTINGS, loss="poft", max_steps=3))
+    out = train_sft(sft_config(loss="poft", max_steps=3), tiny_model_dir, varied_examples(), tmp_path / "poft",
+                    seed=0, reference_dir=tiny_model_dir, progress=False)
     assert out["loss_history"][0] == pytest.approx(math.log(2), abs=1e-6)  # r_model == r_ref before any step
     assert out["loss_history"][-1] < math.log(2)  # the model moves above the reference
     with pytest.raises(ValueError, match="sft.packing=false"):
-        train_sft(tiny_model_dir, varied_examples(), tmp_path / "x", reference_dir=tiny_model_dir,
-                  **dict(SETTINGS, loss="poft", packing=True))
+        sft_config(loss="poft", packing=True)
 
 
 # ----------------------------------------------------------------------------------------------- recipes
@@ -224,19 +225,22 @@ def test_curriculum_stage_two_is_the_hardest_fraction():
     assert stage1 == examples
     assert [e["id"] for e in stage2] == ["x1", "x3", "x5"]  # rates 0.1, 0.0, 0.1: the three lowest, data order
     assert [e["id"] for e in curriculum_stages(examples, rates, 0.05)[1]] == ["x3"]  # ceil: at least one
-    with pytest.raises(ValueError, match="sft.recipe='mix'"):
-        recipe_stages("mix", examples, general=[], pass_rates=rates, dmt_k=0, hard_fraction=0.3, seed=0)
+    with pytest.raises(ValueError, match="recipe\n  Input should be 'single', 'dmt' or 'curriculum'"):
+        sft_config(recipe="mix")
+    assert recipe_stages(sft_config(recipe="curriculum", hard_fraction=0.3), examples, general=[], pass_rates=rates,
+                         seed=0) == [stage1, stage2]
 
 
 def test_train_recipe_chains_stages_and_skips_finished_ones(tiny_model_dir, tmp_path):
     examples = varied_examples()
     stages = [examples, examples[:3]]
-    settings = dict(SETTINGS, max_steps=2)
-    out = train_recipe(tiny_model_dir, stages, tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", **settings)
+    cfg = sft_config(max_steps=2)
+    out = train_recipe(cfg, tiny_model_dir, stages, tmp_path / "out", seed=0, checkpoint_dir=tmp_path / "ckpt",
+                       progress=False)
     assert [m["steps"] for m in out["stages"]] == [2, 2] and out["steps_total"] == 4
     by_hand = tmp_path / "stage1"
-    train_sft(tiny_model_dir, stages[0], by_hand, **settings)
-    train_sft(by_hand, stages[1], tmp_path / "stage2", **settings)
+    train_sft(cfg, tiny_model_dir, stages[0], by_hand, seed=0, progress=False)
+    train_sft(cfg, by_hand, stages[1], tmp_path / "stage2", seed=0, progress=False)
     assert_same_weights(tmp_path / "out", tmp_path / "stage2")
 
     # a rerun (after a crash in stage 2) reuses the finished stage 1 instead of training it again
@@ -244,10 +248,11 @@ def test_train_recipe_chains_stages_and_skips_finished_ones(tiny_model_dir, tmp_
     import models.training.recipes as recipes
 
     real = recipes.train_sft
-    recipes.train_sft = lambda model_dir, ex, out_dir, **kw: calls.append(str(model_dir)) or real(model_dir, ex,
-                                                                                                   out_dir, **kw)
+    recipes.train_sft = lambda cfg, model_dir, ex, out_dir, **kw: calls.append(str(model_dir)) or real(
+        cfg, model_dir, ex, out_dir, **kw)
     try:
-        again = train_recipe(tiny_model_dir, stages, tmp_path / "out2", checkpoint_dir=tmp_path / "ckpt", **settings)
+        again = train_recipe(cfg, tiny_model_dir, stages, tmp_path / "out2", seed=0, checkpoint_dir=tmp_path / "ckpt",
+                             progress=False)
     finally:
         recipes.train_sft = real
     assert calls == [str(tmp_path / "ckpt" / "stage-1" / "model")]

@@ -1,7 +1,15 @@
-"""The artifact store: atomic writes, digests, and rebuilding (never trusting) missing or corrupt artifacts."""
+"""The artifact store: atomic writes, digests, verified manifests, one writer per key, and rebuilding (never
+trusting) missing, corrupt or edited artifacts."""
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +18,7 @@ from tasks.store import MANIFEST, Store, stable_hash
 
 
 def _job(tmp_path, config=None, refresh=False):
-    return make_job("demo/x", config or {"a": 1}, {}, ["tasks/store.py"], str(tmp_path), refresh)
+    return make_job("demo/x", config or {"a": 1}, {}, "tasks.store", str(tmp_path), refresh)
 
 
 def _build(calls):
@@ -28,7 +36,7 @@ def test_digest_is_hash_of_file_hashes(tmp_path):
     ref = execute(_job(tmp_path), _build(calls))
     files = {p: hashlib.sha256((tmp_path / "demo/x" / ref.key / p).read_bytes()).hexdigest()
              for p in ("data.txt", "sub/w.bin")}
-    assert ref.digest == stable_hash(files)
+    assert ref.digest == stable_hash({"files": files, "meta": {"n": 1}})  # content and meta, nothing else
     assert ref.status == "computed" and ref.meta == {"n": 1}
     assert json.loads((tmp_path / "demo/x" / ref.key / MANIFEST).read_text())["digest"] == ref.digest
 
@@ -83,3 +91,104 @@ def test_refresh_recomputes(tmp_path):
     execute(_job(tmp_path), _build(calls))
     ref = execute(_job(tmp_path, refresh=True), _build(calls))
     assert len(calls) == 2 and ref.status == "computed"
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+
+
+def _manifest(tmp_path, ref):
+    return tmp_path / "demo/x" / ref.key / MANIFEST
+
+
+@pytest.mark.parametrize("edit", ["meta", "digest", "no_files_key", "not_json", "list", "stage", "sha_type"])
+def test_an_edited_or_malformed_manifest_means_rebuild(tmp_path, edit):
+    calls = []
+    ref = execute(_job(tmp_path), _build(calls))
+    path = _manifest(tmp_path, ref)
+    manifest = json.loads(path.read_text())
+    if edit == "meta":  # a fake number in the report
+        manifest["meta"]["n"] = 99
+    elif edit == "digest":  # would feed a fake digest into downstream keys
+        manifest["digest"] = "0" * 64
+    elif edit == "no_files_key":
+        del manifest["files"]
+    elif edit == "list":
+        manifest = [manifest]
+    elif edit == "stage":
+        manifest["stage"] = "other/stage"
+    elif edit == "sha_type":
+        manifest["files"]["data.txt"]["sha256"] = 5
+    path.write_text("{not json" if edit == "not_json" else json.dumps(manifest))
+    assert not Store(tmp_path).is_valid("demo/x", ref.key)
+    rebuilt = execute(_job(tmp_path), _build(calls))
+    assert len(calls) == 2 and rebuilt.status == "computed" and rebuilt.meta == {"n": 1}
+    assert rebuilt.digest != "0" * 64 and Store(tmp_path).is_valid("demo/x", ref.key)
+
+
+def test_a_read_only_store_still_verifies(tmp_path):
+    ref = execute(_job(tmp_path), _build([]))
+    (tmp_path / "demo/x" / f".{ref.key}.state.json").unlink()
+    os.chmod(tmp_path / "demo/x", 0o555)
+    try:
+        assert Store(tmp_path).load("demo/x", ref.key).digest == ref.digest
+    finally:
+        os.chmod(tmp_path / "demo/x", 0o755)
+
+
+# ----------------------------------------------------------------------------------------------- one writer
+
+
+def test_two_threads_build_an_artifact_once(tmp_path):
+    calls, refs = [], []
+
+    def slow_build(job, out):
+        calls.append(job.key)
+        time.sleep(0.5)
+        (out / "data.txt").write_text("x")
+        return {}
+
+    threads = [threading.Thread(target=lambda: refs.append(execute(_job(tmp_path), slow_build))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(r.status for r in refs) == ["computed", "reused"] and refs[0].digest == refs[1].digest
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from tasks.store import Store
+    store, key = Store(sys.argv[1]), sys.argv[2]
+    with store.lock("demo/x", key):
+        (store.root / "demo/x" / f".tmp-{key}-deadbeef").mkdir(parents=True)  # a half-written artifact
+        print("locked", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_dead_writers_lock_is_taken_over_and_its_temp_folder_swept(tmp_path):
+    job = _job(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path), job.key],
+                              cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / "demo/x" / f".tmp-{job.key}-deadbeef").is_dir()
+    ref = execute(job, _build([]))  # would block forever if the dead writer's lock were still held
+    assert ref.status == "computed"
+    assert not list((tmp_path / "demo/x").glob(".tmp-*"))
+
+
+def test_a_live_writers_lock_is_waited_for(tmp_path):
+    job = _job(tmp_path)
+    store = Store(tmp_path)
+    # flock is per open file: a second acquisition from another thread waits even in the same process
+    t0 = time.perf_counter()
+    with store.lock("demo/x", job.key):
+        waiter = threading.Thread(target=lambda: execute(job, _build([])))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # blocked on our lock
+    waiter.join()
+    assert time.perf_counter() - t0 >= 0.5 and Store(tmp_path).is_valid("demo/x", job.key)

@@ -364,6 +364,8 @@ def train_sft(cfg: SFTConfig, model_dir, examples: list[dict], out_dir, *, seed:
     module = SFTModule(model, cfg, total_steps)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # peft asks the deprecated is_gradient_checkpointing (transformers 5.24): its FutureWarning is peft's to fix
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
         trainer = make_trainer(max_steps=cfg.max_steps, max_epochs=cfg.epochs, grad_accum=cfg.grad_accum,
                                precision=cfg.precision, logger=logger, progress=progress, root_dir=root,
                                callbacks=callbacks)
