@@ -15,8 +15,8 @@ Ours counts train_sft's `tokens`, TRL its `num_tokens` metric (attention-mask su
 padding-free): the same quantity. The targets differ by one token an example: TRL's completion is the chat
 template's rendering, which ends "<|im_end|>\n", ours ends at "<|im_end|>".
 
-- Ours: every key of conf/sft/full.yaml that train_sft takes goes to it (keys added there are picked up; the SFT
-  task's own, e.g. the data recipe, are left out and printed), then --ours overrides (OmegaConf dotlist, e.g.
+- Ours: conf/sft/full.yaml as the SFTConfig train_sft takes (keys added there are picked up; the SFT task's own,
+  e.g. the data recipe, do nothing in one run and are printed), then --ours overrides (OmegaConf dotlist, e.g.
   `--ours packing=true loss_impl=chunked`). Steps, batch size, max length and seed come from the flags above;
   epochs is raised so that the steps, not the data, end the run.
 - TRL: SFTConfig gets conf/sft/full.yaml's lr, betas, weight decay, warmup ratio, scheduler, precision
@@ -108,9 +108,13 @@ def timed_step(self, *args, **kwargs):
 
 SFTModule.optimizer_step = timed_step
 
-reference = job["model"] if job["settings"].get("loss") == "poft" else None  # poft_reference=base
-m = train_sft(job["model"], examples, job["out"], **job["settings"], reference_dir=reference, logger=None,
-              progress=False)
+from models.training.config import SFTConfig
+
+settings = dict(job["settings"])
+seed = settings.pop("seed")
+reference = job["model"] if settings["loss"] == "poft" else None  # poft_reference=base
+m = train_sft(SFTConfig(**settings), job["model"], examples, job["out"], seed=seed, reference_dir=reference,
+              logger=None, progress=False)
 json.dump({**timed, "tokens": m["tokens"], "steps": m["steps"], "losses": m["loss_history"]}, open(job["result"], "w"))
 """
 THEIRS = COMMON + """
@@ -196,14 +200,9 @@ def conf_sft() -> dict:
 
 
 def ours_settings(overrides: dict, shared: dict) -> tuple[dict, dict]:
-    """(train_sft's keyword arguments, the conf keys left out): every conf/sft/full.yaml key train_sft takes, with
-    the overrides, then the shared sizes. The keys it does not take are the SFT task's (tasks/sft.py: the data
-    recipe, PoFT's choice of reference): here one stage trains on one data set, and loss=poft scores against the
-    base, the model trained (poft_reference=base)."""
-    import inspect
-
-    from models.training.sft import train_sft
-
+    """(the SFTConfig fields plus the seed, the SFT task's own keys): conf/sft/full.yaml with the overrides, then the
+    shared sizes. The task's keys (the data recipe, PoFT's choice of reference) are not one train_sft run's: here
+    one stage trains on one data set, and loss=poft scores against the base, the model trained."""
     clash = SHARED & set(overrides)
     if clash:
         raise SystemExit(f"--ours {sorted(clash)}: set them with the bench's flags (both sides share them)")
@@ -212,11 +211,10 @@ def ours_settings(overrides: dict, shared: dict) -> tuple[dict, dict]:
         print(f"warning: --ours {sorted(mirrored)} changes ours only: TRL keeps conf/sft/full.yaml's values (set "
               f"the matching --trl keys too)", flush=True)
     settings = {**conf_sft(), **overrides}
-    takes = inspect.signature(train_sft).parameters
-    left_out = {k: settings.pop(k) for k in list(settings) if k not in takes}
+    task_keys = {k: settings[k] for k in ("recipe", "dmt_k", "hard_fraction", "poft_reference")}
     settings.update(max_steps=shared["steps"], batch_size=shared["batch_size"], max_length=shared["max_length"],
                     seed=shared["seed"], epochs=EPOCHS)
-    return settings, left_out
+    return settings, task_keys
 
 
 def trl_settings(overrides: dict, shared: dict) -> dict:
@@ -317,7 +315,7 @@ def main() -> None:
     for kv in args.ours or [[]]:
         settings, left_out = ours_settings(dotlist(kv), shared)
         variants.append({"side": "ours", "label": label("ours", kv), "settings": settings, "runs": []})
-    print(f"ours: conf/sft/full.yaml keys train_sft does not take, left out: {left_out}", flush=True)
+    print(f"ours: conf/sft/full.yaml keys of the SFT task, unused by one train_sft run: {left_out}", flush=True)
     variants += [{"side": "trl", "label": label("TRL", kv), "settings": trl_settings(dotlist(kv), shared),
                   "runs": []} for kv in (args.trl or [[]])]
     venv = trl_venv()

@@ -12,30 +12,35 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def to_dict(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The composed config as plain data, with `key={}` overrides meaning empty (see empty_overrides)."""
-    cfg = OmegaConf.to_container(cfg, resolve=True)
-    cfg.pop("hydra", None)
-    for path in empty_overrides(overrides):
-        node = cfg
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = {}
-    return cfg
+    """The composed config as plain data, where an override `key={}` means what it says: empty.
 
-
-def empty_overrides(overrides: Sequence[str]) -> list[str]:
-    """Key paths an override sets to `{}`. Hydra merges a dict override into the dict it replaces, so
-    `data.domains={}` would silently keep every domain; here it means what it says: empty."""
+    Hydra merges a dict override into the dict it replaces, so `data.domains={}` would silently keep every
+    domain and `merge.parameters={}` every parameter. Here such a key is emptied, then the overrides after it
+    that set or delete keys below it are applied again (`merge.parameters={} ++merge.parameters.weight=1`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    paths = []
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        if not override.is_delete() and not override.is_sweep_override():
-            value = override.value()
-            if isinstance(value, dict) and not value:
-                paths.append(override.key_or_group)
-    return paths
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for i, override in enumerate(parsed):
+        if override.is_delete() or override.is_sweep_override() or override.value() != {}:
+            continue
+        key = override.key_or_group
+        _set(data, key, {})
+        for later in parsed[i + 1:]:
+            if later.key_or_group.startswith(key + ".") and not later.is_sweep_override():
+                _set(data, later.key_or_group, None if later.is_delete() else later.value(), delete=later.is_delete())
+    return data
+
+
+def _set(data: dict, key: str, value: Any, delete: bool = False) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    if delete:
+        data.pop(last, None)
+    else:
+        data[last] = value
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

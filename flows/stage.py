@@ -7,6 +7,7 @@ the flow's: a stage the flow already built is copied, not recomputed.
 
     python -m flows.stage params experiment=tiny     # compose conf/ -> params.yaml (what DVC's hydra mode does)
     python -m flows.stage dvc.yaml                   # regenerate dvc.yaml from the registry (deps = code closures)
+    python -m flows.stage plan experiment=tiny       # every artifact's key and whether a run would reuse it
     python -m flows.stage mix --out dvc/mix
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flows.config import compose
 from flows.schema import ConfigError, PipelineConfig, validate
 from tasks.code import ROOT, closure
 from tasks.common import execute
-from tasks.registry import REGISTRY, STAGES, Stage
+from tasks.registry import REGISTRY, STAGES, Stage, dry_run
 from tasks.store import ArtifactRef, verified_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +35,7 @@ REGENERATE = "python -m flows.stage dvc.yaml"
 
 def ref_from_dir(path: Path) -> ArtifactRef:
     """An upstream DVC output as an ArtifactRef; refuses folders that are not intact sealed artifacts."""
-    manifest = verified_manifest(path)
+    manifest = verified_manifest(path, stat_cache=False)  # nothing may be written into a DVC dependency
     if manifest is None:
         raise SystemExit(f"{path}: not an intact branchmerge artifact (missing, edited or unsealed): run its stage")
     return ArtifactRef(stage=manifest["stage"], key=manifest["key"], path=str(path.resolve()),
@@ -111,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         Path("params.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
         print("wrote params.yaml")
+        return 0
+    if argv[:1] == ["plan"]:
+        as_json = "--json" in argv
+        try:
+            cfg = compose([a for a in argv[1:] if a != "--json"])
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+        plans = dry_run(cfg)
+        if as_json:
+            print(json.dumps({name: {"key": job.key, "reused": ref is not None} for name, (job, ref) in plans.items()}))
+        else:
+            for name, (job, ref) in plans.items():
+                print(f"{name:28s} {job.key}  {'reused' if ref else 'computed'}")
         return 0
     if argv[:1] == ["dvc.yaml"]:
         (ROOT / "dvc.yaml").write_text(dvc_yaml())

@@ -16,19 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flows", "tasks", "models", "kernels")  # the repository's import roots
 
 
-def module_file(module: str) -> Path | None:
+def module_file(module: str, root: Path = ROOT) -> Path | None:
     """The file of an in-repo module or package (its __init__.py), else None."""
     if module.split(".")[0] not in PACKAGES:
         return None
-    base = ROOT.joinpath(*module.split("."))
+    base = root.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -38,10 +38,10 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Every module `path`'s import statements name (absolute, resolved), runtime ones only."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    module = _module_name(path)
+    module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
 
@@ -69,28 +69,28 @@ def imported_modules(path: Path) -> set[str]:
 
 
 @lru_cache(maxsize=None)
-def closure(module: str) -> tuple[Path, ...]:
+def closure(module: str, root: Path = ROOT) -> tuple[Path, ...]:
     """The in-repo files `module` runs when imported and called: itself, what it imports (transitively), and the
-    __init__.py of every package on the way; sorted."""
+    __init__.py of every package on the way; sorted. `root`: the repository (another copy, in tests)."""
     seen: set[Path] = set()
     todo = [module]
     while todo:
         name = todo.pop()
         parts = name.split(".")
         for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
-            path = module_file(".".join(parts[:i]))
+            path = module_file(".".join(parts[:i]), root)
             if path is None or path in seen:
                 continue
             seen.add(path)
-            todo.extend(imported_modules(path))
+            todo.extend(imported_modules(path, root))
     return tuple(sorted(seen))
 
 
 @lru_cache(maxsize=None)
-def code_version(module: str) -> str:
-    """Hash of the closure's paths and contents."""
+def code_version(module: str, root: Path = ROOT) -> str:
+    """Hash of the closure's paths (relative: the same code anywhere has the same version) and contents."""
     h = hashlib.sha256()
-    for path in closure(module):
-        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0")
+    for path in closure(module, root):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

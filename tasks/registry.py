@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable
 
 from tasks import eval as eval_stage
 from tasks import merge, mix, model, report, rl, sft, teacher
+from tasks.common import Job
+from tasks.store import ArtifactRef, Store
 
 if TYPE_CHECKING:
     from flows.schema import PipelineConfig
@@ -53,3 +55,19 @@ STAGES = (
 )
 REGISTRY = {stage.name: stage for stage in STAGES}
 STAGE_NAMES = tuple(REGISTRY)
+
+
+def dry_run(cfg: PipelineConfig) -> dict[str, tuple[Job, ArtifactRef | None]]:
+    """Every artifact's job and its stored artifact (None: it would be computed), without computing anything.
+    An artifact not in the store stands in for its inputs' consumers with a digest derived from its key, so the
+    keys of everything downstream of something to compute are placeholders too (they change once it is built,
+    unless its content comes out the same)."""
+    store, refs, plans = Store(cfg.run.store), {}, {}
+    for stage in STAGES:
+        for item in stage.items(cfg):
+            job = stage.module.plan(cfg, item, refs)
+            ref = None if job.refresh else store.load(job.stage, job.key)
+            plans[stage.artifact(item)] = (job, ref)
+            refs[stage.artifact(item)] = ref or ArtifactRef(stage=job.stage, key=job.key, digest=f"planned:{job.key}",
+                                                            path=str(store.path(job.stage, job.key)))
+    return plans

@@ -194,13 +194,15 @@ class Store:
         return ref.model_copy(update={"status": "computed", "seconds": seconds})
 
 
-def verified_manifest(folder: Path, stage: str | None = None, key: str | None = None) -> dict | None:
-    """read_manifest, plus every file present with its size and hash (re-hashed only where its stat changed)."""
+def verified_manifest(folder: Path, stage: str | None = None, key: str | None = None,
+                      stat_cache: bool = True) -> dict | None:
+    """read_manifest, plus every file present with its size and hash (re-hashed only where its stat changed;
+    every file when stat_cache is False, which also writes nothing beside the folder: DVC hashes its deps)."""
     manifest = read_manifest(folder, stage, key)
     if manifest is None:
         return None
     state_file = folder.parent / f".{folder.name}.state.json"
-    state = _read_json(state_file)
+    state = _read_json(state_file) if stat_cache else {}
     try:
         on_disk = {p.relative_to(folder).as_posix() for p in _files(folder)}
         if on_disk != set(manifest["files"]):
@@ -215,7 +217,7 @@ def verified_manifest(folder: Path, stage: str | None = None, key: str | None = 
             fresh_state[rel] = sig
     except OSError:
         return None
-    if fresh_state != state:
+    if stat_cache and fresh_state != state:
         with contextlib.suppress(OSError):  # the state file only saves time; a read-only store still verifies
             _write_json_atomic(state_file, fresh_state)
     return manifest

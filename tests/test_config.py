@@ -1,9 +1,19 @@
-"""Config composition and validation: typos and bad values fail before any compute, naming key and allowed values."""
+"""Config composition and validation: typos and bad values fail before any compute, naming key and value.
+
+Every check is in the schema (flows/schema.py and the stage models beside their code), so it runs whatever is
+cached: composing the config is all these tests do.
+"""
+import ast
+import inspect
+from pathlib import Path
+
 import pytest
 
 from flows.config import compose
 from flows.schema import ConfigError
 from models.merging.config import MERGE_METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_and_experiments_compose():
@@ -31,6 +41,108 @@ def test_bad_config_names_key_and_allowed_values(override, fragments):
         assert fragment in str(err.value)
 
 
+# Each finding of the stage-contract review: a setting that used to be accepted, or checked only after compute.
+@pytest.mark.parametrize("overrides, fragments", [
+    # a merge parameter that cannot run: checked whatever is cached (it used to pass when the mix stage was cached)
+    (["sft.lr=1e-4", "merge.parameters.weight=abc"], ["invalid merge config", "weight", "'abc'"]),
+    (["sft.betas=[1.5,2.0]"], ["sft.betas=[1.5, 2.0]", "[0, 1)"]),
+    (["sft=lora", "sft.lora.target_modules=[nope_proj]"], ["sft.lora.target_modules=['nope_proj']", "matches no module",
+                                                          "q_proj"]),
+    (["sft.max_steps=0"], ["sft.max_steps=0", "trains nothing"]),
+    (["data.domains.gcd.tasks.0.config.min_value=30"],
+     ["data.domains.gcd.tasks.0.config=", "max_value must be > min_value"]),
+    (["data.domains.gcd.tasks.0.config.min_value=abc"],
+     ["data.domains.gcd.tasks.0.config=", "min_value='abc'", "valid integer"]),
+    (["+data.domains.gcd.tasks.0.config.no_such_key=1"], ["data.domains.gcd.tasks.0.config=", "no_such_key"]),
+    (["+data.domains.gcd.tasks.0.config.seed=3"], ["seed: set by the pipeline"]),
+    (["rl.prompts_per_step=1000"], ["rl.prompts_per_step=1000 exceeds the training pool of 24 prompts"]),
+    (["rl.epsilon_high=0.1"], ["rl.epsilon_high=0.1 < rl.epsilon=0.2"]),
+    (["data.domains={}"], ["data.domains={}", "at least 1 item"]),
+    ([f"run.name={'x' * 300}"], ["run.name", "300 characters"]),
+    (["run.name=../../../escaped"], ["run.name '../../../escaped'", "names a folder"]),
+    (["sft.recipe=dmt", "~data.domains.arithmetic", "~data.domains.lcm"], ["sft.recipe='dmt'", "['gcd']"]),
+    (["teacher.keep_per_prompt=5"], ["teacher.keep_per_prompt=5 > teacher.n=2"]),
+])
+def test_every_check_before_compute(overrides, fragments):
+    with pytest.raises(ConfigError) as err:
+        compose(["experiment=tiny", *overrides])
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_empty_dict_override_means_empty():
+    """Hydra merges `{}` into the dict it replaces; an explicit `{}` empties it (here: no merge parameters)."""
+    cfg = compose(["experiment=tiny", "merge=ties", "merge.parameters={}", "++merge.parameters.weight=1.0",
+                   "++merge.parameters.density=0.5"])
+    assert cfg.merge.parameters == {"weight": 1.0, "density": 0.5}  # normalize and lambda are gone
+    assert compose(["experiment=tiny", "merge=ties"]).merge.parameters["lambda"] == 1.0
+
+
+def test_an_unwritable_cache_folder_does_not_break_validation(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    cache = tmp_path / "file" / "cache"  # cannot be created, not even by root
+    monkeypatch.setenv("BRANCHMERGE_CACHE", str(cache))
+    from models import cache as cache_module
+
+    cache_module._usable.cache_clear()
+    try:
+        cfg = compose(["experiment=tiny", "data.domains.gcd.tasks.0.config.max_value=21"])
+    finally:
+        cache_module._usable.cache_clear()
+    assert cfg.data.domains["gcd"].tasks[0].config["max_value"] == 21
+    assert not cache.exists()
+
+
 def test_merge_methods_match_registry():
     from models.merging.registry import method_names
     assert sorted(MERGE_METHODS) == method_names()
+
+
+# ----------------------------------------------------------------------------------------------- one default
+
+def settings_models():
+    from flows.schema import PipelineConfig
+
+    seen, todo = {}, [PipelineConfig]
+    while todo:
+        model = todo.pop()
+        seen[model.__name__] = model
+        for field in model.model_fields.values():
+            for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(candidate, type) and hasattr(candidate, "model_fields") and candidate.__name__ not in seen:
+                    todo.append(candidate)
+    return seen
+
+
+def test_settings_models_have_no_defaults():
+    """A default lives in conf/ once: every field of every settings model is required."""
+    for name, model in settings_models().items():
+        defaulted = [f for f, info in model.model_fields.items() if not info.is_required()]
+        assert not defaulted, f"{name} has defaults for {defaulted}: move them to conf/"
+
+
+def test_no_function_defaults_a_config_key():
+    """No function in models/ or tasks/ gives a config key a default of its own (a second default beside conf/);
+    functions that take a stage's settings take the settings object."""
+    keys = {f for model in settings_models().values() for f in model.model_fields}
+    offenders = []
+    for path in [*ROOT.glob("models/**/*.py"), *ROOT.glob("tasks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                positional = args.posonlyargs + args.args
+                defaulted = positional[len(positional) - len(args.defaults):] + [
+                    a for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+                offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({a.arg}=...)"
+                              for a in defaulted if a.arg in keys]
+    assert not offenders, offenders
+
+
+def test_trainers_take_the_settings_object():
+    from models.training.grpo import train_grpo
+    from models.training.sft import train_sft
+
+    for fn, settings in ((train_sft, "SFTConfig"), (train_grpo, "RLConfig")):
+        params = list(inspect.signature(fn).parameters.values())
+        assert params[0].name == "cfg" and params[0].annotation == settings
+        assert len(params) <= 10, [p.name for p in params]

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from models.lm.generation import completion, generate, prompt_ids, shared_prefix_len
 from models.lm.chat import stop_token_ids
+from models.lm.generation import completion, generate, prompt_ids, shared_prefix_len
 from models.lm.hf import joined_gguf, load_model, load_tokenizer, materialize_model, tiny_model_folder
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tiny_model_folder(tmp_path_factory.mktemp("tiny"), seed=0, **TINY)
+    path = tiny_model_folder(tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32", **TINY)
     return path, load_model(path, "float32"), load_tokenizer(path)
 
 
@@ -46,7 +46,7 @@ def test_tiny_folder_round_trip(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x).logits, load_model(again, "float32")(x).logits)
     torch.manual_seed(123)  # same seed -> same random weights, whatever the global RNG did before
-    other = tiny_model_folder(tmp_path / "same_seed", seed=0, **TINY)
+    other = tiny_model_folder(tmp_path / "same_seed", seed=0, dtype="float32", **TINY)
     with torch.no_grad():
         assert torch.equal(model(x).logits, load_model(other, "float32")(x).logits)
 

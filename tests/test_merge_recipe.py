@@ -1,6 +1,7 @@
 """mergekit YAML in: one-document configs and multi-step (mergekit-multimerge) recipes, by the numbers."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -137,3 +138,42 @@ def test_cli_is_a_drop_in_for_mergekit_yaml(zoo, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "models[0].model: 'm' is not an earlier step" in bad.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "models.merging", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_never_writes_into_a_users_folder_without_overwrite(zoo, tmp_path):
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump_all([
+        {"name": "mid", "merge_method": "linear", "models": [str(zoo["math"]), str(zoo["code"])],
+         "parameters": {"weight": 1.0}},
+        {"merge_method": "linear", "models": ["mid", str(zoo["science"])], "parameters": {"weight": 1.0}}]))
+    mine = tmp_path / "steps" / "mid"  # the user's own folder, named like a recipe step
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    refused = cli(tmp_path / "cfg.yml", tmp_path / "out", "--intermediate-dir", tmp_path / "steps")
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+    done = cli(tmp_path / "cfg.yml", tmp_path / "out", "--intermediate-dir", tmp_path / "steps", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert (mine / "config.json").exists() and not (mine / "notes.txt").exists()
+
+
+def test_the_output_is_never_one_of_the_inputs(zoo, tmp_path):
+    before = weights(zoo["math"])
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(
+        {"merge_method": "linear", "models": [str(zoo["math"]), str(zoo["code"])], "parameters": {"weight": 1.0}}))
+    for out in (zoo["math"], zoo["math"].parent):  # the input itself, or a folder holding it
+        refused = cli(tmp_path / "cfg.yml", out, "--overwrite")
+        assert refused.returncode != 0 and "would destroy it" in refused.stderr, refused.stderr
+    after = weights(zoo["math"])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merged_folders_are_readable_by_others(zoo, tmp_path):
+    run_merge({"merge_method": "linear", "models": [str(zoo["math"]), str(zoo["code"])],
+               "parameters": {"weight": 1.0}}, tmp_path / "out", seed=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

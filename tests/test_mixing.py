@@ -133,7 +133,7 @@ def test_merge_close_clusters_rejects_unknown_label():
 
 # ---------------------------------------------------------------------------------------------------- mixture
 def test_mixture_uniform():
-    w = mixture_weights({"arith": 300, "logic": 100, "algo": 0, "games": 7}, strategy="uniform")
+    w = mixture_weights({"arith": 300, "logic": 100, "algo": 0, "games": 7}, strategy="uniform", temperature=1.0)
     assert list(w) == ["arith", "logic", "algo", "games"]
     assert w == {k: 0.25 for k in w}
 
@@ -157,10 +157,10 @@ def test_mixture_proportional_hand_values():
 
 def test_mixture_errors():
     with pytest.raises(ValueError, match="unknown strategy 'dirichlet'"):
-        mixture_weights({"a": 1}, strategy="dirichlet")
+        mixture_weights({"a": 1}, strategy="dirichlet", temperature=1.0)
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         mixture_weights({"a": 1, "b": -2}, strategy="proportional", temperature=0.5)
     with pytest.raises(ValueError, match="all sizes are 0"):
         mixture_weights({"a": 0}, strategy="proportional", temperature=0.5)
     with pytest.raises(ValueError, match="empty"):
-        mixture_weights({}, strategy="uniform")
+        mixture_weights({}, strategy="uniform", temperature=1.0)

@@ -42,13 +42,38 @@ def test_hydra_multirun_sweep_shares_upstream(tmp_path):
     assert second["stages"]["merge"]["status"] == "computed"
 
 
-def test_bad_override_fails_before_compute(tmp_path):
+@pytest.mark.parametrize("override, fragment", [
+    ("merge.method=foo", "merge.method='foo'"),
+    ("data.domains={}", "data.domains={}"),  # through the Hydra CLI too: {} empties, it does not merge
+])
+def test_bad_override_fails_before_compute(tmp_path, override, fragment):
     store = tmp_path / "store"
-    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", "merge.method=foo"], cwd=ROOT,
+    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", override], cwd=ROOT,
                           env=env_with(BRANCHMERGE_STORE=store), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "merge.method='foo'" in proc.stderr and "ties" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
     assert not store.exists()  # nothing was computed or written
+
+
+def test_dvc_yaml_is_generated_from_the_stage_registry():
+    from flows.stage import REGENERATE, dvc_yaml
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), f"dvc.yaml is out of date: run `{REGENERATE}`"
+
+
+def test_two_identical_runs_started_together_compute_each_artifact_once(tmp_path):
+    store = tmp_path / "store"
+    cmd = [PY, "-m", "flows.run", "experiment=tiny", "tracking=none"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env_with(BRANCHMERGE_STORE=store), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    first, second = summaries(store)  # two run folders: neither summary overwrote the other
+    assert len(list((store / "runs").iterdir())) == 2
+    for stage in first["stages"]:
+        statuses = [first["stages"][stage]["status"], second["stages"][stage]["status"]]
+        assert sorted(statuses) == ["computed", "reused"], (stage, statuses)
+        assert first["stages"][stage]["digest"] == second["stages"][stage]["digest"]
 
 
 def test_dvc_repro_tiny(tmp_path):
@@ -67,12 +92,13 @@ def test_dvc_repro_tiny(tmp_path):
     sh("dvc", "init", "-q")
     sh(PY, "-m", "flows.stage", "params", "experiment=tiny", "tracking=none")
     out = sh("dvc", "repro")
-    for stage in ("model_student", "mix", "teacher", "sft@arithmetic", "sft@lcm", "merge", "rl", "eval"):
+    for stage in ("model@student", "mix", "teacher", "sft@arithmetic", "sft@lcm", "merge", "rl", "eval", "report"):
         assert f"'{stage}'" in out
     metrics = json.loads((repo / "dvc/metrics.json").read_text())
     assert set(metrics) == {"base", "branch/arithmetic", "branch/gcd", "branch/lcm", "merged", "rl"}
     assert (repo / "dvc/merge/model.safetensors").exists() and (repo / "dvc/merge/config.json").exists()
-    assert "Data and pipelines are up to date" in sh("dvc", "repro")
+    again = sh("dvc", "repro")
+    assert "Data and pipelines are up to date" in again, again
     # Changing a merge parameter reruns merge and what follows, nothing upstream.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["merge"]["method"] = "ties"

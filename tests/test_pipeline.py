@@ -177,3 +177,75 @@ def test_sft_recipe_and_poft_run_through_the_pipeline(store, first):
         # stage 1 starts from the reference itself: r_model == r_ref, loss ln 2
         assert meta["stages"][0]["loss_history"][0] == pytest.approx(math.log(2), abs=1e-5)
     assert not list((Path(store) / "sft").glob("*/.scratch-*"))  # checkpoints deleted once sealed
+
+
+def manifest_digest(path):
+    return json.loads((Path(path) / "_manifest.json").read_text())["digest"]
+
+
+def test_diverged_training_is_not_sealed_and_its_runs_end_failed(store, first):
+    from mlflow.tracking import MlflowClient
+
+    sealed = {p.parent.name for p in Path(store).glob("sft/*/*/_manifest.json")}
+    with pytest.raises(Exception) as err:
+        run(store, "sft.lr=1e9", "rl.enabled=false")
+    message = str(err.value)
+    assert "sft/arithmetic: training diverged: loss is nan at optimizer step" in message, message
+    assert "sft.lr=1000000000.0" in message
+    assert {p.parent.name for p in Path(store).glob("sft/*/*/_manifest.json")} == sealed  # nothing new sealed
+
+    client = MlflowClient()
+    parent = client.get_run(first["mlflow_run_id"])
+    runs = client.search_runs([parent.info.experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+    failed = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert failed.info.status == "FAILED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == failed.info.run_id]
+    assert children and all(r.info.status in ("FINISHED", "FAILED") for r in children)
+    assert any(r.info.run_name == "sft/arithmetic" and r.info.status == "FAILED" for r in children)
+
+
+def test_two_stores_of_one_config_have_equal_keys_and_digests_and_a_wiped_store_is_reused_after_rebuild(
+        first, tmp_path):
+    import shutil
+
+    other = run(tmp_path / "other")
+    assert {s: (r["key"], r["digest"]) for s, r in other["stages"].items()} == \
+        {s: (r["key"], r["digest"]) for s, r in first["stages"].items()}
+    for folder in (tmp_path / "other").iterdir():  # wipe every artifact; Prefect's records of them stay
+        if folder.name != "runs":
+            shutil.rmtree(folder)
+    rebuilt = run(tmp_path / "other")
+    assert set(statuses(rebuilt).values()) == {"computed"}
+    again = run(tmp_path / "other")
+    assert set(statuses(again).values()) == {"reused"}
+    for stage, rec in again["stages"].items():
+        assert rec["digest"] == first["stages"][stage]["digest"] == manifest_digest(rec["path"])
+
+
+def test_refresh_then_plain_reuses_the_new_upstream(store, first, monkeypatch):
+    """A refreshed stage whose content changed gets a new digest; the next plain run must use it (Prefect's result
+    cache from the first run must not hand back the old reference) and the branches built on it."""
+    import tasks.teacher
+
+    real = tasks.teacher.build
+
+    def other_content(job, out, logger=None):
+        meta = real(job, out, logger=logger)
+        (out / "note.txt").write_text("rebuilt with other content")
+        return meta
+
+    monkeypatch.setattr(tasks.teacher, "build", other_content)
+    refreshed = run(store, "run.refresh=[teacher]")
+    monkeypatch.setattr(tasks.teacher, "build", real)
+    new = refreshed["stages"]["teacher"]["digest"]
+    assert new != first["stages"]["teacher"]["digest"] and statuses(refreshed)["sft/gcd"] == "computed"
+
+    plain = run(store)
+    st = plain["stages"]
+    assert st["teacher"]["digest"] == new == manifest_digest(st["teacher"]["path"])
+    for domain in ("arithmetic", "gcd", "lcm"):
+        assert st[f"sft/{domain}"]["status"] == "reused"
+        assert st[f"sft/{domain}"]["key"] == refreshed["stages"][f"sft/{domain}"]["key"] != \
+            first["stages"][f"sft/{domain}"]["key"]
+    for rec in st.values():  # every reference is the store's
+        assert rec["digest"] == manifest_digest(rec["path"])

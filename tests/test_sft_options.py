@@ -95,6 +95,22 @@ def test_a_checkpoint_of_other_settings_is_refused(tiny_model_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("damage", ["zero_filled", "truncated"])
+def test_an_unreadable_checkpoint_is_discarded_and_training_restarts(tiny_model_dir, tmp_path, caplog, damage):
+    cfg = sft_config(checkpoint_every=2, max_steps=3)
+    whole = train_sft(cfg, tiny_model_dir, varied_examples(), tmp_path / "whole", seed=0,
+                      checkpoint_dir=tmp_path / "ckpt", progress=False)
+    ckpt = tmp_path / "ckpt" / CHECKPOINT
+    size = ckpt.stat().st_size
+    ckpt.write_bytes(bytes(size) if damage == "zero_filled" else ckpt.read_bytes()[: size // 2])
+    with caplog.at_level("WARNING"):
+        again = train_sft(cfg, tiny_model_dir, varied_examples(), tmp_path / "again", seed=0,
+                          checkpoint_dir=tmp_path / "ckpt", progress=False)
+    assert "discarding unreadable checkpoint" in caplog.text
+    assert again["resumed_from_step"] == 0 and again["loss_history"] == whole["loss_history"]
+    assert_same_weights(tmp_path / "again", tmp_path / "whole")
+
+
 # ----------------------------------------------------------------------------------------------- lora, checkpointing
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}

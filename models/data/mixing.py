@@ -192,7 +192,7 @@ def cluster_alignment(labels: Sequence[int] | np.ndarray, domains: Sequence[str]
 
 # ---------------------------------------------------------------------------------------------------- mixture
 def mixture_weights(
-    domains_sizes: Mapping[str, float], *, strategy: str, temperature: float = 1.0
+    domains_sizes: Mapping[str, float], *, strategy: str, temperature: float
 ) -> dict[str, float]:
     """Mixture weights over groups (domains or clusters), summing to 1, in the input's key order.
 

@@ -249,7 +249,7 @@ def materialize_model(source: dict, out_dir: str | Path, dtype: str, cache_dir: 
     log.info("materialized %s source into %s (%s)", kind, out_dir, dtype)
 
 
-def tiny_model_folder(out_dir: str | Path, seed: int, dtype: str = "float32", **config) -> Path:
+def tiny_model_folder(out_dir: str | Path, seed: int, dtype: str, **config) -> Path:
     """Shortcut for tests: a tiny random Llama with the real SmolLM2 tokenizer in out_dir."""
     materialize_model({"kind": "tiny", "tokenizer": SMOLLM2_SOURCE, "seed": seed, "config": config}, out_dir, dtype)
     return Path(out_dir)

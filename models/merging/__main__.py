@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
                             workers=args.workers)
     except MergeConfigError as err:
         raise SystemExit(f"error: {args.config}: {err}") from None
+    except FileExistsError as err:  # never written into without --overwrite
+        raise SystemExit(f"error: {err}; pass --overwrite to replace it") from None
     print(json.dumps(result, indent=2))
 
 

@@ -185,7 +185,9 @@ def run_recipe(docs: list[dict[str, Any]], out_dir: str | os.PathLike, *, seed: 
             config = _substitute(step.config, paths)
             if final and record is None:
                 record = {"recipe": docs, "aliases": dict(aliases or {}), "seed": seed}
-            result = run_merge(config, target, seed=step_seed(seed, step), overwrite=overwrite or not final,
+            # A step folder in the caller's workdir may be the caller's own: replaced only with `overwrite`.
+            result = run_merge(config, target, seed=step_seed(seed, step),
+                               overwrite=overwrite or (not final and workdir is None),
                                record=record if final else None, workers=workers)
             results.append({"step": step.label, **result})
             if not final:

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -59,6 +58,12 @@ def run_merge(
         raise ValueError(f"workers: expected >= 1; got {workers}")
     spec = validate_config(config)
     out_dir = Path(out_dir)
+    out_real = out_dir.resolve()
+    for path in [*spec.inputs, spec.tokenizer_source]:  # never replace what is being read, overwrite or not
+        real = Path(path).resolve()
+        if real == out_real or out_real in real.parents:
+            raise MergeConfigError(f"output folder {out_dir} is {'' if real == out_real else 'a parent of '}the "
+                                   f"input {path}: merging into it would destroy it; choose another output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     ckpts = [Checkpoint(p) for p in spec.inputs]
@@ -68,7 +73,8 @@ def run_merge(
     log.info("merge %s: %d tensors from %d models", spec.method.name, len(jobs), len(ckpts))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the merged model unreadable to anyone else (umask applies here)
     layout = [(job.name, job.out_dtype, ckpts[spec.reference].shape(job.sources[spec.reference])) for job in jobs]
     writer = None
     try:

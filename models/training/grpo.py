@@ -39,7 +39,6 @@ import math
 import random
 import tempfile
 import time
-import warnings
 
 import lightning as L
 import torch
@@ -50,8 +49,14 @@ from kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
 from models.lm.chat import stop_token_ids
 from models.lm.hf import save_model_folder
 from models.training.config import RLConfig
-from models.training.toolkit import (check_finite_weights, guard_loss, load_for_training, make_optimizer,
-                                     make_trainer)
+from models.training.toolkit import (
+    check_finite_weights,
+    guard_loss,
+    load_for_training,
+    make_optimizer,
+    make_trainer,
+    quiet_warnings,
+)
 
 # Config keys of heads that post-process h W^T (softcap, scale): the chunked path would silently drop that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -422,13 +427,11 @@ def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     ref_model = None
     if cfg.beta != 0.0:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    module = GRPOModule(load_for_training(model_dir), tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model,
+    module = GRPOModule(load_for_training(model_dir, lora=None, gradient_checkpointing=False), tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model,
                         micro_batch_size=micro_batch_size)
     batches = [[items[i] for i in idx] for idx in step_items(len(items), cfg.steps, cfg.prompts_per_step, seed)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen reference model
+    with tempfile.TemporaryDirectory() as root, quiet_warnings():
         trainer = make_trainer(max_steps=cfg.steps, max_epochs=1, grad_accum=1, precision=cfg.precision,
                                logger=logger, progress=progress, root_dir=root)
         trainer.fit(module, train_dataloaders=loader)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from models.training.config import SFTConfig
 from models.training.sft import train_sft
+
 DONE = "stage_metrics.json"  # written last into a finished intermediate stage's model folder
 
 

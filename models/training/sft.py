@@ -40,7 +40,6 @@ import logging
 import math
 import random
 import tempfile
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -53,9 +52,20 @@ from models.data.packing import IGNORE_INDEX, pack_examples, packed_collate, pac
 from models.lm.chat import end_of_turn_text
 from models.lm.hf import save_model_folder
 from models.training.config import SFTConfig
-from models.training.toolkit import (StepCheckpoint, check_finite_weights, guard_loss, load_for_training,
-                                     make_optimizer, make_scheduler, make_trainer, release_freed_memory,
-                                     resumable_checkpoint, run_fingerprint, trained_model)
+from models.training.toolkit import (
+    StepCheckpoint,
+    check_finite_weights,
+    guard_loss,
+    load_for_training,
+    make_optimizer,
+    make_scheduler,
+    make_trainer,
+    quiet_warnings,
+    release_freed_memory,
+    resumable_checkpoint,
+    run_fingerprint,
+    trained_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -362,10 +372,7 @@ def train_sft(cfg: SFTConfig, model_dir, examples: list[dict], out_dir, *, seed:
     model = load_for_training(model_dir, lora=cfg.lora if cfg.finetune == "lora" else None,
                               gradient_checkpointing=cfg.gradient_checkpointing)
     module = SFTModule(model, cfg, total_steps)
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        # peft asks the deprecated is_gradient_checkpointing (transformers 5.24): its FutureWarning is peft's to fix
-        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+    with tempfile.TemporaryDirectory() as root, quiet_warnings():
         trainer = make_trainer(max_steps=cfg.max_steps, max_epochs=cfg.epochs, grad_accum=cfg.grad_accum,
                                precision=cfg.precision, logger=logger, progress=progress, root_dir=root,
                                callbacks=callbacks)

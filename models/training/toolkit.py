@@ -4,12 +4,14 @@ the divergence guard. Trainers (sft.py, grpo.py) import this; they never import 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,7 +33,7 @@ FINGERPRINT = "run_fingerprint.txt"  # which run wrote the checkpoint beside it 
 # ----------------------------------------------------------------------------------------------- model
 
 
-def load_for_training(model_dir, *, lora: LoraConfig | None = None, gradient_checkpointing: bool = False):
+def load_for_training(model_dir, *, lora: LoraConfig | None, gradient_checkpointing: bool):
     """float32 master weights (bf16 runs autocast), train mode (transformers 5 loads in eval mode); LoRA adapters
     when `lora` is given; activations recomputed in the backward pass when gradient_checkpointing."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -105,6 +107,19 @@ def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision:
         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, use_distributed_sampler=False,
         default_root_dir=root_dir, callbacks=callbacks or [],
     )
+
+
+@contextlib.contextmanager
+def quiet_warnings():
+    """Silence third-party warnings that say nothing to our users (the terminal stays quiet), while training."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data: no workers needed
+        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # GRPO's frozen reference model
+        # torch 2.13 deprecated LeafSpec, which lightning 2.6 still uses; peft asks the deprecated
+        # is_gradient_checkpointing of transformers 5.24: theirs to fix, nothing for a user to do
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*", FutureWarning)
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        yield
 
 
 def guard_loss(loss: float, step: int) -> None:
