@@ -53,22 +53,17 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     base = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     deltas = (0.01 * torch.randn(n, *shape, generator=g)).to(device=device, dtype=dtype)
-    mask = torch.bernoulli(torch.full((n, *shape), args.density), generator=g).to(device)
+    uniforms = torch.rand((n, *shape), generator=g).to(device)  # as models/merging/methods/sparsify.py draws them
     weights = [1.0, 0.5, 0.8, 0.3][:n] + [1.0] * max(0, n - 4)
-    threshold = km.topk_threshold(deltas, args.density)
 
     elt = deltas.element_size()
     numel = deltas[0].numel()
     # op name -> (reference call, triton call, bytes the kernel must move at least)
     ops = {
         "drop_rescale (DARE, l1)": (
-            lambda: km.drop_rescale_reference(deltas, args.density, mask=mask, rescale="l1"),
-            lambda: km.drop_rescale_triton(deltas, args.density, mask=mask, rescale="l1"),
-            n * numel * (2 * elt + 4 + elt + 4)),  # partials pass: delta + mask; apply pass: delta + mask + out
-        "trim (TIES, threshold)": (
-            lambda: km.trim_reference(deltas, threshold),
-            lambda: km.trim_triton(deltas, threshold),
-            n * numel * 2 * elt),
+            lambda: km.drop_rescale_reference(deltas, args.density, uniforms=uniforms, rescale="l1"),
+            lambda: km.drop_rescale_triton(deltas, args.density, uniforms=uniforms, rescale="l1"),
+            n * numel * (2 * elt + 4 + 4)),  # partials pass: delta + uniforms; apply pass: delta + uniforms + out
         "sign_elect_disjoint_mean (TIES)": (
             lambda: km.sign_elect_disjoint_mean_reference(base, deltas, weights, consensus=True, normalize=True),
             lambda: km.sign_elect_disjoint_mean_triton(base, deltas, weights, consensus=True, normalize=True),

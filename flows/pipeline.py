@@ -16,7 +16,9 @@ from typing import Any
 
 for _var, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "branchmerge",
                      "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false"}.items():
+                     "TOKENIZERS_PARALLELISM": "false",
+                     # the store's log lines go to Prefect's API inside a flow run, and only to the terminal outside
+                     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}.items():
     os.environ.setdefault(_var, _value)
 
 from prefect import flow, get_run_logger, task  # noqa: E402

@@ -1,18 +1,20 @@
 """Merge kernels: the per-tensor hot paths of the task-arithmetic family (TIES / DARE / DELLA).
 
 Inputs are a stack of deltas `[n_models, *shape]` (delta_i = theta_i - base, one tensor of one model per row)
-and per-model weights. Three ops, each as `<op>_reference` (PyTorch: defines the result), `<op>_triton` (the
-kernel) and the dispatcher `<op>`:
+and per-model weights. Two ops, each as `<op>_reference` (PyTorch: defines the result), `<op>_triton` (the
+kernel) and the dispatcher `<op>`; models/merging/methods/ calls the dispatchers:
 
-- `drop_rescale`: DARE / DELLA drop. The caller passes the Bernoulli draws (`mask`, as models/merging/sparsify.py
-  draws them with torch.bernoulli and the tensor's generator) or uniforms (`uniforms`: keep where u < p); the
-  kernel fuses keep + rescale ("l1": survivors * ||delta||_1 / ||kept||_1; "inverse_p": survivors / p).
-- `trim`: TIES magnitude trim: keep |delta| >= a given per-model threshold (`topk_threshold` computes the
-  k-th largest |delta| in torch), same rescale options.
+- `drop_rescale`: DARE / DELLA drop (methods/sparsify.py's bernoulli and della_magprune). The caller passes
+  uniforms (`uniforms`: keep where u < p; drawn on the CPU generator, so a seed gives the same mask on any
+  device) or the draws themselves (`mask`); the kernel fuses keep + rescale ("l1": survivors * ||delta||_1 /
+  ||kept||_1; "inverse_p": survivors / p).
 - `sign_elect_disjoint_mean`: the fused combine, one pass over the stack: w_i * delta_i, elected sign
   s = sgn(sum_i w_i delta_i) (0 -> +1), m_i = [sgn(w_i delta_i) == s] (zeros never vote),
   sum_i m_i w_i delta_i, optional divide by sum_i m_i w_i (a zero divisor counts as 1), * lambda, + base.
   consensus=False is plain task arithmetic (m_i = 1, divisor sum_i w_i).
+
+No TIES trim kernel: mergekit keeps exactly k = int(density * n) entries, choosing among equal magnitudes at the
+cut by its argsort's order; a threshold kernel keeps every tie (more than k), so it would merge other values.
 
 Dispatch: BRANCHMERGE_KERNELS=reference|triton forces one; unset (or `auto`): Triton when the tensors are on
 CUDA, triton imports and the dtype is float32 / bfloat16 / float16; the reference otherwise (CPU, float64).
@@ -30,7 +32,6 @@ reference's norms within float32 rounding, so "l1" outputs agree to ~1e-7 relati
 # imports without triton and the references still work.
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -44,7 +45,7 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 # How a kernel decides which entries survive (constexpr MODE).
-KEEP_MASK, KEEP_UNIFORM, KEEP_THRESHOLD = 0, 1, 2
+KEEP_MASK, KEEP_UNIFORM = 0, 1
 # How survivors are rescaled (constexpr RESCALE).
 _RESCALE_CODE = {None: 0, "l1": 1, "inverse_p": 2}
 
@@ -78,11 +79,11 @@ def _check_rescale(rescale: Rescale, keep_prob) -> None:
         raise ValueError("rescale='inverse_p' divides by the keep probability: pass keep_prob")
 
 
-def _keep_args(deltas, mask, uniforms, threshold, keep_prob):
-    """(mode, draws) from exactly one of mask / uniforms / threshold, shapes checked."""
-    given = [name for name, v in (("mask", mask), ("uniforms", uniforms), ("threshold", threshold)) if v is not None]
+def _keep_args(deltas, mask, uniforms, keep_prob):
+    """(mode, draws) from exactly one of mask / uniforms, shapes checked."""
+    given = [name for name, v in (("mask", mask), ("uniforms", uniforms)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"pass exactly one of mask, uniforms, threshold; got {given or 'none'}")
+        raise ValueError(f"pass exactly one of mask, uniforms; got {given or 'none'}")
     for name, v in (("mask", mask), ("uniforms", uniforms)):
         if v is not None and v.shape != deltas.shape:
             raise ValueError(f"{name}: expected the deltas' shape {tuple(deltas.shape)}, got {tuple(v.shape)}")
@@ -90,27 +91,20 @@ def _keep_args(deltas, mask, uniforms, threshold, keep_prob):
         raise ValueError("uniforms are kept where u < keep_prob: pass keep_prob")
     if mask is not None:
         return KEEP_MASK, mask
-    if uniforms is not None:
-        return KEEP_UNIFORM, uniforms
-    return KEEP_THRESHOLD, threshold
+    return KEEP_UNIFORM, uniforms
 
 
-# ----------------------------------------------------------------------------- drop / trim + rescale: reference
+# ----------------------------------------------------------------------------- drop + rescale: reference
 
 def _mask_rescale_reference(deltas, mode, draws, keep_prob, rescale):
-    """Per model, the same ops as models/merging/sparsify.py's `rescaled` on that model's delta."""
+    """Per model, the same ops as models/merging/methods/sparsify.py's `rescaled` on that model's delta."""
     probs = None if keep_prob is None else _keep_prob(keep_prob, deltas)
-    if mode == KEEP_THRESHOLD:
-        thr_dtype = torch.float64 if deltas.dtype == torch.float64 else torch.float32
-        thresholds = _per_model(draws, deltas.shape[0], "threshold", thr_dtype, deltas.device)
     out = torch.empty_like(deltas)
     for i, delta in enumerate(deltas):
         if mode == KEEP_MASK:
             keep = draws[i] != 0
-        elif mode == KEEP_UNIFORM:
-            keep = draws[i] < probs[i]
         else:
-            keep = delta.abs() >= thresholds[i]
+            keep = draws[i] < probs[i]
         masked = delta * keep
         if rescale == "inverse_p":
             masked = masked / probs[i]
@@ -126,34 +120,11 @@ def _mask_rescale_reference(deltas, mode, draws, keep_prob, rescale):
 def drop_rescale_reference(deltas, keep_prob=None, *, mask=None, uniforms=None, rescale: Rescale = "l1"):
     """DARE / DELLA drop of each model's delta, then rescale. See `drop_rescale`."""
     _check_rescale(rescale, keep_prob)
-    mode, draws = _keep_args(deltas, mask, uniforms, None, keep_prob)
+    mode, draws = _keep_args(deltas, mask, uniforms, keep_prob)
     return _mask_rescale_reference(deltas, mode, draws, keep_prob, rescale)
 
 
-def trim_reference(deltas, threshold, *, rescale: Rescale = None, keep_prob=None):
-    """TIES trim: keep |delta_i| >= threshold_i. See `trim`."""
-    _check_rescale(rescale, keep_prob)
-    return _mask_rescale_reference(deltas, KEEP_THRESHOLD, threshold, keep_prob, rescale)
-
-
-def topk_threshold(deltas: torch.Tensor, density: float | Sequence[float]) -> torch.Tensor:
-    """Per model, the k-th largest |delta| with k = max(1, int(density * numel)) (torch, float32 ranks).
-
-    Keeping |delta| >= it keeps every entry tied with the k-th, so with ties at the cut more than k survive;
-    sparsify.magnitude's argsort keeps exactly k (mergekit's choice among equal magnitudes).
-    """
-    n = deltas.shape[0]
-    flat = deltas.reshape(n, -1).abs()
-    flat = flat if flat.dtype == torch.float64 else flat.float()
-    numel = flat.shape[1]
-    densities = _per_model(density, n, "density", torch.float64, "cpu").tolist()
-    return torch.stack([
-        row.kthvalue(numel - max(1, int(d * numel)) + 1).values if d < 1 else row.new_zeros(())
-        for row, d in zip(flat, densities)
-    ])
-
-
-# ----------------------------------------------------------------------------- drop / trim + rescale: Triton
+# ----------------------------------------------------------------------------- drop + rescale: Triton
 
 @jit
 def _rnd(x, DT: tl.constexpr):
@@ -162,26 +133,24 @@ def _rnd(x, DT: tl.constexpr):
 
 
 @jit
-def _masked_block(d_ptr, draw_ptr, p_ptr, thr_ptr, row, start, offs, inb,
+def _masked_block(d_ptr, draw_ptr, p_ptr, row, start, offs, inb,
                   MODE: tl.constexpr, PER_ENTRY_P: tl.constexpr):
     """(delta, delta * keep) of one block of one model's row, in float32."""
     d = tl.load(d_ptr + start + offs, mask=inb, other=0.0).to(tl.float32)
     if MODE == 0:  # KEEP_MASK
         keep = tl.load(draw_ptr + start + offs, mask=inb, other=0) != 0
-    elif MODE == 1:  # KEEP_UNIFORM
+    else:  # KEEP_UNIFORM
         u = tl.load(draw_ptr + start + offs, mask=inb, other=1.0)
         if PER_ENTRY_P:
             p = tl.load(p_ptr + start + offs, mask=inb, other=0.0)
         else:
             p = tl.load(p_ptr + row)
         keep = u < p
-    else:  # KEEP_THRESHOLD
-        keep = tl.abs(d) >= tl.load(thr_ptr + row)
     return d, d * keep.to(tl.float32)  # a product, as the reference's: -0.0 and inf * 0 = nan alike
 
 
 @jit
-def _l1_partials_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, part_ptr, numel, n_blocks,
+def _l1_partials_kernel(d_ptr, draw_ptr, p_ptr, part_ptr, numel, n_blocks,
                         MODE: tl.constexpr, PER_ENTRY_P: tl.constexpr, BLOCK: tl.constexpr):
     """part[row, 0, block] = sum |delta|, part[row, 1, block] = sum |delta * keep| over one block."""
     pid = tl.program_id(0)
@@ -189,14 +158,14 @@ def _l1_partials_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, part_ptr, numel, n_bloc
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
     start = row.to(tl.int64) * numel
-    d, masked = _masked_block(d_ptr, draw_ptr, p_ptr, thr_ptr, row, start, offs, inb, MODE, PER_ENTRY_P)
+    d, masked = _masked_block(d_ptr, draw_ptr, p_ptr, row, start, offs, inb, MODE, PER_ENTRY_P)
     out = part_ptr + row.to(tl.int64) * 2 * n_blocks + pid
     tl.store(out, tl.sum(tl.abs(d), axis=0))
     tl.store(out + n_blocks, tl.sum(tl.abs(masked), axis=0))
 
 
 @jit
-def _mask_rescale_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, scale_ptr, out_ptr, numel,
+def _mask_rescale_kernel(d_ptr, draw_ptr, p_ptr, scale_ptr, out_ptr, numel,
                          MODE: tl.constexpr, RESCALE: tl.constexpr, PER_ENTRY_P: tl.constexpr,
                          BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -204,7 +173,7 @@ def _mask_rescale_kernel(d_ptr, draw_ptr, p_ptr, thr_ptr, scale_ptr, out_ptr, nu
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
     start = row.to(tl.int64) * numel
-    d, out = _masked_block(d_ptr, draw_ptr, p_ptr, thr_ptr, row, start, offs, inb, MODE, PER_ENTRY_P)
+    d, out = _masked_block(d_ptr, draw_ptr, p_ptr, row, start, offs, inb, MODE, PER_ENTRY_P)
     if RESCALE == 1:  # l1: one scale per model (1 where the norms were below L1_EPS)
         out = out * tl.load(scale_ptr + row)
     elif RESCALE == 2:  # inverse_p
@@ -230,25 +199,20 @@ def _mask_rescale_triton(deltas, mode, draws, keep_prob, rescale):
         p = keep_prob.reshape(n, -1).to(device=dev, dtype=torch.float32).contiguous()
     else:
         p = torch.tensor(_keep_prob(keep_prob, deltas), dtype=torch.float32, device=dev)
-    thr = p.new_zeros(n)  # unused unless KEEP_THRESHOLD
-    draw = d  # unused unless mask / uniforms
-    if mode == KEEP_THRESHOLD:
-        thr = _per_model(draws, n, "threshold", torch.float32, dev)
-    else:
-        draw = draws.reshape(n, -1).to(dev).contiguous()
-        draw = draw.view(torch.uint8) if draw.dtype == torch.bool else draw
-        draw = draw.float() if mode == KEEP_UNIFORM else draw
+    draw = draws.reshape(n, -1).to(dev).contiguous()
+    draw = draw.view(torch.uint8) if draw.dtype == torch.bool else draw
+    draw = draw.float() if mode == KEEP_UNIFORM else draw
     n_blocks = triton.cdiv(numel, BLOCK)
     scale = p.new_ones(n)
     if rescale == "l1":
         part = torch.empty(n, 2, n_blocks, dtype=torch.float32, device=dev)
-        _l1_partials_kernel[(n_blocks, n)](d, draw, p, thr, part, numel, n_blocks, MODE=mode,
+        _l1_partials_kernel[(n_blocks, n)](d, draw, p, part, numel, n_blocks, MODE=mode,
                                            PER_ENTRY_P=per_entry, BLOCK=BLOCK, num_warps=NUM_WARPS,
                                            enable_fp_fusion=False)
         norms = part.sum(dim=2).to(d.dtype)  # [n, 2]: ||delta||_1, ||kept||_1 as the reference stores them
         before, after = norms[:, 0], norms[:, 1]
         scale = torch.where((before < L1_EPS) | (after < L1_EPS), torch.ones_like(before), before / after).float()
-    _mask_rescale_kernel[(n_blocks, n)](d, draw, p, thr, scale, out, numel, MODE=mode,
+    _mask_rescale_kernel[(n_blocks, n)](d, draw, p, scale, out, numel, MODE=mode,
                                         RESCALE=_RESCALE_CODE[rescale], PER_ENTRY_P=per_entry, BLOCK=BLOCK,
                                         num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out.reshape(shape)
@@ -256,13 +220,8 @@ def _mask_rescale_triton(deltas, mode, draws, keep_prob, rescale):
 
 def drop_rescale_triton(deltas, keep_prob=None, *, mask=None, uniforms=None, rescale: Rescale = "l1"):
     _check_rescale(rescale, keep_prob)
-    mode, draws = _keep_args(deltas, mask, uniforms, None, keep_prob)
+    mode, draws = _keep_args(deltas, mask, uniforms, keep_prob)
     return _mask_rescale_triton(deltas, mode, draws, keep_prob, rescale)
-
-
-def trim_triton(deltas, threshold, *, rescale: Rescale = None, keep_prob=None):
-    _check_rescale(rescale, keep_prob)
-    return _mask_rescale_triton(deltas, KEEP_THRESHOLD, threshold, keep_prob, rescale)
 
 
 def drop_rescale(deltas: torch.Tensor, keep_prob=None, *, mask: torch.Tensor | None = None,
@@ -276,13 +235,6 @@ def drop_rescale(deltas: torch.Tensor, keep_prob=None, *, mask: torch.Tensor | N
     """
     impl = drop_rescale_triton if backend(deltas) == "triton" else drop_rescale_reference
     return impl(deltas, keep_prob, mask=mask, uniforms=uniforms, rescale=rescale)
-
-
-def trim(deltas: torch.Tensor, threshold, *, rescale: Rescale = None, keep_prob=None) -> torch.Tensor:
-    """TIES trim: keep the entries with |delta_i| >= threshold_i (one threshold per model, e.g.
-    `topk_threshold(deltas, density)`); rescale as in `drop_rescale` (inverse_p divides by keep_prob)."""
-    impl = trim_triton if backend(deltas) == "triton" else trim_reference
-    return impl(deltas, threshold, rescale=rescale, keep_prob=keep_prob)
 
 
 # ----------------------------------------------------------------------------- sign election + disjoint mean

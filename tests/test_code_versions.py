@@ -35,6 +35,7 @@ def versions(root: Path) -> dict[str, str]:
     return {stage.name: code_version(stage.module.__name__, root) for stage in STAGES}
 
 
+@pytest.mark.slow
 def test_editing_any_file_of_a_stages_closure_changes_its_version_and_only_theirs(copy):
     before = versions(copy)
     assert before == versions(ROOT)  # the version is the code's, not the folder's
@@ -69,6 +70,7 @@ def planned_keys(repo: Path, store: Path) -> dict[str, str]:
     return {name: plan["key"] for name, plan in json.loads(proc.stdout.splitlines()[-1]).items()}
 
 
+@pytest.mark.slow
 def test_an_edit_changes_the_keys_downstream_and_bench_or_readme_change_none(copy, tmp_path):
     store = tmp_path / "store"
     before = planned_keys(copy, store)

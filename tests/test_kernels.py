@@ -20,8 +20,8 @@ CUDA = torch.cuda.is_available() and km.triton_available() and not INTERPRETER
 if INTERPRETER:
     DEVICES = ["cpu"]
 else:
-    DEVICES = [pytest.param("cuda", marks=pytest.mark.skipif(
-        not CUDA, reason="no CUDA device (or no triton): CPU runs these in test_kernels_in_triton_interpreter"))]
+    DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not CUDA, reason="no CUDA device (or no triton): CPU runs these in test_kernels_in_triton_interpreter")])]
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETER else [torch.bfloat16])  # bfloat16: see the docstring
 # (shape of one model's tensor, n_models): block-size multiples and not (BLOCK = 1024), 1-D and 2-D.
 CASES = [((1,), 2), ((7,), 3), ((1024,), 4), ((1025,), 2), ((33, 65), 3), ((3, 1000), 4)]
@@ -86,19 +86,6 @@ def test_drop_rescale(device, dtype, shape, n, draws, rescale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,n", CASES)
 @pytest.mark.parametrize("values", ["normal", "integers"])
-@pytest.mark.parametrize("rescale", [None, "l1", "inverse_p"])
-def test_trim(device, dtype, shape, n, values, rescale):
-    d = make_deltas(shape, n, dtype, device, values)
-    density = [0.2, 0.5, 0.37, 1.0][:n]
-    threshold = km.topk_threshold(d, density)
-    ref = km.trim_reference(d, threshold, rescale=rescale, keep_prob=density)
-    check(km.trim_triton(d, threshold, rescale=rescale, keep_prob=density), ref, bit_exact(rescale))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,n", CASES)
-@pytest.mark.parametrize("values", ["normal", "integers"])
 @pytest.mark.parametrize("consensus,normalize,lambda_", [
     (True, True, 1.0), (True, False, 0.6), (False, True, 1.0), (False, False, 1.0), (False, True, 0.6)])
 def test_sign_elect_disjoint_mean(device, dtype, shape, n, values, consensus, normalize, lambda_):
@@ -121,22 +108,38 @@ def test_weights_summing_to_zero_do_not_divide(device):
         torch.testing.assert_close(out, d[0] - d[1])
 
 
-# ----------------------------------------------------------------------------- references vs models/merging
+# ----------------------------------------------------------------------------- models/merging through the kernels
 
-def test_references_reproduce_sparsify_bit_for_bit():
-    """Given sparsify.py's own draws, the references give its bits (so the kernels can be wired in later)."""
+@pytest.mark.skipif(INTERPRETER, reason="a CPU reference check")
+def test_dare_drop_equals_its_formula():
+    """sparsify.bernoulli (through drop_rescale's reference on CPU) against the formula written out."""
     from models.merging.methods import sparsify as sp
 
     delta = torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
-    for rescale in (None, "l1", "inverse_p"):
-        want = sp.bernoulli(delta, 0.3, torch.Generator().manual_seed(5), rescale)
-        mask = torch.bernoulli(torch.full(delta.shape, 0.3), generator=torch.Generator().manual_seed(5))
-        got = km.drop_rescale_reference(delta[None], 0.3, mask=mask[None], rescale=rescale)[0]
+    keep = (torch.rand(delta.shape, generator=torch.Generator().manual_seed(5)) < 0.3).float()
+    masked = delta * keep
+    for rescale, want in ((None, masked), ("inverse_p", masked / 0.3),
+                          ("l1", masked * (delta.abs().sum() / masked.abs().sum()))):
+        got = sp.bernoulli(delta, 0.3, torch.Generator().manual_seed(5), rescale)
         assert torch.equal(got, want), rescale
-        # no ties among randn magnitudes: the threshold keeps the same k entries as sparsify's argsort
-        want = sp.magnitude(delta, 0.3, rescale)
-        got = km.trim_reference(delta[None], km.topk_threshold(delta[None], 0.3), rescale=rescale, keep_prob=0.3)[0]
-        assert torch.equal(got, want), rescale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rescale", [None, "l1", "inverse_p"])
+def test_dare_and_della_run_the_kernel_like_the_reference(device, dtype, rescale, monkeypatch):
+    """The merge methods' drops (models/merging/methods/sparsify.py) on the Triton path equal the reference path."""
+    from models.merging.methods import sparsify as sp
+
+    for shape in ((7,), (33, 65)):
+        delta = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
+        runs = {}
+        for impl in ("reference", "triton"):
+            monkeypatch.setenv(km.ENV, impl)
+            runs[impl] = (sp.bernoulli(delta, 0.3, torch.Generator().manual_seed(5), rescale),
+                          sp.della_magprune(delta, 0.4, 0.1, torch.Generator().manual_seed(5), rescale))
+        for got, ref in zip(runs["triton"], runs["reference"]):
+            check(got, ref, bit_exact(rescale))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -167,6 +170,7 @@ def test_dispatch(monkeypatch):
             km.backend(cpu)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_auto_dispatch_uses_triton_on_cuda(monkeypatch):
     monkeypatch.delenv(km.ENV, raising=False)
@@ -176,6 +180,7 @@ def test_auto_dispatch_uses_triton_on_cuda(monkeypatch):
 
 # ----------------------------------------------------------------------------- CPU: the interpreter subprocess
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETER, reason="already in the interpreter")
 @pytest.mark.skipif(not km.triton_available(), reason="triton is not installed (pip install -e '.[dev]')")
 def test_kernels_in_triton_interpreter():

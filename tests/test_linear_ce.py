@@ -24,8 +24,8 @@ CUDA = torch.cuda.is_available() and lc.triton_available() and not INTERPRETER
 if INTERPRETER:  # the subprocess: the Triton kernels on CPU tensors
     IMPLS = [("triton", "cpu")]
 else:
-    IMPLS = [("reference", "cpu"), pytest.param("triton", "cuda", marks=pytest.mark.skipif(
-        not CUDA, reason="no CUDA device (or no triton): CPU runs these in test_kernels_in_triton_interpreter"))]
+    IMPLS = [("reference", "cpu"), pytest.param("triton", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not CUDA, reason="no CUDA device (or no triton): CPU runs these in test_kernels_in_triton_interpreter")])]
 SMALL_BLOCKS = (16, 32, 16)  # (BLOCK_N, BLOCK_V, BLOCK_H): many tiles on test shapes
 H, V = 40, 300  # neither a multiple of a tile (BLOCK_H 16 / 64, BLOCK_V 32 / 128)
 CHUNK = 16  # reference chunk: N = 37, 100 are not multiples
@@ -283,6 +283,7 @@ def test_dispatch_is_the_shared_switch():
 
 # ----------------------------------------------------------------------------- CPU: the interpreter subprocess
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETER, reason="already in the interpreter")
 @pytest.mark.skipif(not lc.triton_available(), reason="triton is not installed (pip install -e '.[dev]')")
 def test_kernels_in_triton_interpreter():

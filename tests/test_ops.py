@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # the whole tiny pipeline, for real
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 

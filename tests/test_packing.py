@@ -153,6 +153,7 @@ def test_packed_loss_and_gradients_equal_unpacked():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
                     reason="flash-attn varlen needs CUDA and the flash_attn package")
 def test_flash_varlen_packed_logits_equal_each_example_alone():

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # the whole tiny pipeline, for real
+
 
 def run(store, *overrides):
     from flows.pipeline import branchmerge

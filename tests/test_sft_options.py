@@ -56,6 +56,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum,every,kill_at", [
     (1, 3, 5),  # checkpoint mid-epoch (epoch = 4 steps), killed in the next epoch
     (1, 4, 6),  # checkpoint at an epoch's last batch

@@ -369,16 +369,15 @@ def train_sft(cfg: SFTConfig, model_dir, examples: list[dict], out_dir, *, seed:
         callbacks.append(StepCheckpoint(checkpoint_dir, cfg.checkpoint_every, fingerprint, total_steps))
         resume = resumable_checkpoint(Path(checkpoint_dir), fingerprint)
 
-    model = load_for_training(model_dir, lora=cfg.lora if cfg.finetune == "lora" else None,
-                              gradient_checkpointing=cfg.gradient_checkpointing)
-    module = SFTModule(model, cfg, total_steps)
     with tempfile.TemporaryDirectory() as root, quiet_warnings():
+        model = load_for_training(model_dir, lora=cfg.lora if cfg.finetune == "lora" else None,
+                                  gradient_checkpointing=cfg.gradient_checkpointing)
+        module = SFTModule(model, cfg, total_steps)
         trainer = make_trainer(max_steps=cfg.max_steps, max_epochs=cfg.epochs, grad_accum=cfg.grad_accum,
                                precision=cfg.precision, logger=logger, progress=progress, root_dir=root,
                                callbacks=callbacks)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
-
-    final = trained_model(module.model)
+        final = trained_model(module.model)
     check_finite_weights(final, trainer.global_step)
     save_model_folder(final, tokenizer, out_dir, cfg.save_dtype)
     return {
