@@ -1,4 +1,4 @@
-"""models/domains.py: items, splits, prompts, answer extraction and the tasks' own scoring."""
+"""models/data/domains.py: items, splits, prompts, answer extraction and the tasks' own scoring."""
 
 import json
 

@@ -402,3 +402,11 @@ def test_train_grpo_chunked_logprobs_run_under_bf16_autocast(tiny_model_dir, tmp
                       for impl in ("plain", "chunked"))
     assert chunked["reward"] == plain["reward"]
     assert chunked["entropy"] == pytest.approx(plain["entropy"], rel=1e-3)  # both from bf16 logits
+
+
+def test_a_diverging_grpo_run_raises_before_saving(tiny_model_dir, tmp_path):
+    from models.training import DivergedError
+
+    with pytest.raises(DivergedError, match=r"at optimizer step \d"):
+        grpo(tiny_model_dir, ToyReward(), tmp_path / "rl", lr=1e9, beta=0.0, steps=3)
+    assert not (tmp_path / "rl").exists()

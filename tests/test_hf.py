@@ -1,4 +1,4 @@
-"""models/hf.py + models/generation.py on a tiny random Llama with the real SmolLM2 tokenizer."""
+"""models/lm/hf.py + models/lm/generation.py on a tiny random Llama with the real SmolLM2 tokenizer."""
 
 import sys
 

@@ -2,7 +2,7 @@
 
 Where the kernels run: on CUDA in this process when there is a GPU; on CPU tensors in Triton's interpreter.
 TRITON_INTERPRET=1 must be set before triton.jit decorates the kernels, i.e. before kernels.merge is imported
-(other test modules import it through models.merge), so `test_kernels_in_triton_interpreter` re-runs this
+(other test modules import it through models.merging), so `test_kernels_in_triton_interpreter` re-runs this
 file in a subprocess with the variable set; there the `cpu` cases below run and the `cuda` ones do not.
 bfloat16 runs on CUDA only: the interpreter (triton 3.9) truncates float32 -> bfloat16 casts instead of
 rounding to nearest even, so it cannot reproduce torch's bfloat16 results.

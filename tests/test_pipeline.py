@@ -158,6 +158,16 @@ def test_bad_recipe_fails_before_any_compute(tmp_path):
     assert not (tmp_path / "model").exists() and not (tmp_path / "mix").exists()
 
 
+def test_a_bad_merge_parameter_fails_before_compute_on_a_warm_store(store, first):
+    """It used to be checked only when the mix stage was not cached: here three branches trained first."""
+    from flows.schema import ConfigError
+
+    before = sorted(p.name for p in Path(store).glob("sft/*/*"))
+    with pytest.raises(ConfigError, match=r"merge.parameters=\{'weight': 'abc'"):
+        run(store, "sft.lr=1e-4", "merge.parameters.weight=abc")
+    assert sorted(p.name for p in Path(store).glob("sft/*/*")) == before
+
+
 def test_unrunnable_merge_fails_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match=r"merge.method='slerp'.*exactly 2"):
         run(tmp_path, "merge.method=slerp", "+merge.parameters.t=0.5")

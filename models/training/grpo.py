@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
 from models.lm.chat import stop_token_ids
 from models.lm.hf import save_model_folder
+from models.training import DivergedError
 from models.training.config import RLConfig
 from models.training.toolkit import (
     check_finite_weights,
@@ -308,11 +309,17 @@ class GRPOModule(L.LightningModule):
         enc = enc.to(self.device)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            **enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,  # top_k=0: off, as TRL
-            max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_generations,
-            pad_token_id=self.pad_id, eos_token_id=self.stop_ids, use_cache=True,
-        )
+        try:
+            out = self.model.generate(
+                **enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,  # top_k=0: off, as TRL
+                max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_generations,
+                pad_token_id=self.pad_id, eos_token_id=self.stop_ids, use_cache=True,
+            )
+        except RuntimeError as err:  # torch.multinomial on NaN / inf probabilities: the last update diverged
+            if "inf" in str(err) and "nan" in str(err):
+                raise DivergedError("rollouts sampled from non-finite probabilities", self.trainer.global_step + 1
+                                    ) from err
+            raise
         self.model.train(was_training)
         prompt_len = enc["input_ids"].size(1)
         completion_ids = out[:, prompt_len:]
