@@ -83,7 +83,7 @@ def dvc_yaml() -> str:
         deps += [p.relative_to(ROOT).as_posix() for p in closure(stage.module.__name__)]
         out, cmd = f"dvc/{stage.name}", f"python -m flows.stage {stage.name}"
         if stage.dvc_foreach:  # DVC names the loop variable ${item} over a list, ${key} over a mapping
-            var = "${item}" if stage.dvc_foreach.startswith("[") else "${key}"
+            var = "${item}" if isinstance(stage.dvc_foreach, tuple) else "${key}"
             out, cmd = f"{out}/{var}", f"{cmd} --item {var}"
         body = {"cmd": f"{cmd} --out {out}", "deps": deps}
         if stage.params:
@@ -93,7 +93,7 @@ def dvc_yaml() -> str:
             body["cmd"] += " --metrics dvc/metrics.json"
             body["metrics"] = [{"dvc/metrics.json": {"cache": False}}]
         if stage.dvc_foreach:
-            foreach = yaml.safe_load(stage.dvc_foreach) if stage.dvc_foreach.startswith("[") else stage.dvc_foreach
+            foreach = list(stage.dvc_foreach) if isinstance(stage.dvc_foreach, tuple) else stage.dvc_foreach
             body = {"foreach": foreach, "do": body}
         stages[stage.name] = body
     return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)

@@ -31,7 +31,9 @@ class Stage:
     upstreams: tuple[str, ...]  # stages whose artifacts it reads
     params: tuple[str, ...]  # config sections hashed into its keys (DVC's params)
     items: Callable[["PipelineConfig"], list[str]]  # one artifact per item ("" = the stage itself)
-    dvc_foreach: str | None = None  # DVC: one stage per item over this list; None with items: all in one stage
+    # DVC: one stage per item, over these items (a tuple) or a params mapping's keys ("${data.domains}");
+    # None: a stage with items builds them all in one DVC stage
+    dvc_foreach: tuple[str, ...] | str | None = None
 
     def artifact(self, item: str) -> str:
         return f"{self.name}/{item}" if item else self.name
@@ -43,7 +45,7 @@ def _one(cfg) -> list[str]:
 
 STAGES = (
     Stage("model", model, (), ("student", "teacher.model"), lambda cfg: ["student", "teacher"],
-          dvc_foreach="[student, teacher]"),
+          dvc_foreach=("student", "teacher")),
     Stage("mix", mix, (), ("data",), _one),
     Stage("teacher", teacher, ("mix", "model"), ("teacher", "run.seed"), _one),
     Stage("sft", sft, ("model", "teacher"), ("sft", "run.seed"), lambda cfg: list(cfg.data.domains),

@@ -137,28 +137,45 @@ class Store:
         return self.load(stage, key) is not None
 
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str) -> Iterator[None]:
+    def lock(self, stage: str, key: str, wait: bool = True) -> Iterator[bool]:
         """Hold the key's lock: one writer per artifact across threads and processes. flock locks belong to an
-        open file and die with their process, so a lock whose owner was killed is free at once."""
+        open file and die with their process, so a lock whose owner was killed is free at once. Yields True once
+        held; with wait=False yields False at once if another writer holds it."""
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f".lock-{key}", "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 log.info("%s: waiting for another writer of %s", stage, key)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def sweep(self, stage: str, key: str) -> None:
-        """Delete temp and swapped-out folders of this key (call with its lock held: their writers are gone)."""
-        for debris in (self.root / stage).glob(f".*-{key}-*"):
-            if debris.name.startswith((".tmp-", ".old-")):
-                log.info("%s: removing %s left by a writer that died", stage, debris.name)
-                shutil.rmtree(debris, ignore_errors=True)
+    def sweep(self, stage: str, held: str) -> None:
+        """Delete the temp and swapped-out folders writers of this stage left when they died: those of the key
+        whose lock the caller holds (`held`), and of any other key whose lock nobody holds."""
+        for debris in (self.root / stage).glob(".*-*-*"):
+            kind, _, rest = debris.name[1:].partition("-")
+            key = rest.rpartition("-")[0]
+            if kind not in ("tmp", "old") or not key:
+                continue
+            if key == held:
+                self._remove_debris(stage, debris)
+                continue
+            with self.lock(stage, key, wait=False) as free:
+                if free:
+                    self._remove_debris(stage, debris)
+
+    @staticmethod
+    def _remove_debris(stage: str, debris: Path) -> None:
+        log.info("%s: removing %s left by a writer that died", stage, debris.name)
+        shutil.rmtree(debris, ignore_errors=True)
 
     @contextlib.contextmanager
     def writer(self, stage: str, key: str, meta: dict[str, Any]) -> Iterator[Path]:

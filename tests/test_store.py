@@ -167,17 +167,28 @@ HOLD_LOCK = textwrap.dedent("""
 """)
 
 
-def test_a_dead_writers_lock_is_taken_over_and_its_temp_folder_swept(tmp_path):
-    job = _job(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path), job.key],
+def hold_lock(tmp_path, key):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path), key],
                               cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.wait()
-    assert (tmp_path / "demo/x" / f".tmp-{job.key}-deadbeef").is_dir()
-    ref = execute(job, _build([]))  # would block forever if the dead writer's lock were still held
-    assert ref.status == "computed"
-    assert not list((tmp_path / "demo/x").glob(".tmp-*"))
+    return holder
+
+
+def test_dead_writers_locks_are_taken_over_and_their_temp_folders_swept(tmp_path):
+    job = _job(tmp_path)
+    dead = [hold_lock(tmp_path, key) for key in (job.key, "0ther0key")]  # this key's writer, another key's
+    live = hold_lock(tmp_path, "busykey")  # a writer at work on a third key
+    try:
+        for holder in dead:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait()
+        ref = execute(job, _build([]))  # would block forever if the dead writer's lock were still held
+        assert ref.status == "computed"
+        left = sorted(p.name for p in (tmp_path / "demo/x").glob(".tmp-*"))
+        assert left == [".tmp-busykey-deadbeef"]  # the live writer's folder is not touched
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_a_live_writers_lock_is_waited_for(tmp_path):

@@ -1,11 +1,13 @@
-"""A mergekit-shaped merge config, validated from the config alone (no file opened): MergeSpec.
+"""Merge settings: the pipeline's merge stage (MergeConfig, at the end) and a mergekit-shaped merge config,
+validated from the config alone (no file opened) into a MergeSpec:
 
     {merge_method: ties, base_model: /m/base,
      models: [{model: /m/math, parameters: {weight: 1.0, density: 0.5}}, ...],
      parameters: {normalize: true}, dtype: float32, out_dtype: bfloat16, tokenizer_source: base}
 
 The first of the merge's three phases (mergekit's config.py): validate_config (this file) -> plan (plan.py, from
-the safetensors headers) -> run_merge (run.py, the tensors).
+the safetensors headers) -> run_merge (run.py, the tensors). Importable without torch (the registry, which
+imports it, is loaded inside validate_config).
 """
 
 from __future__ import annotations
