@@ -48,7 +48,8 @@ def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | Non
     if ref is None:
         return None
     # Prefect's result records are shared by every store under one PREFECT_HOME: the store is in the key too.
-    return f"{job.stage.replace('/', '-')}-{job.key}-{ref.digest[:16]}-{stable_hash(str(Path(job.store).resolve()))[:12]}"
+    store = stable_hash(str(Path(job.store).resolve()))[:12]
+    return f"{job.stage.replace('/', '-')}-{job.key}-{ref.digest[:16]}-{store}"
 
 
 @task(cache_key_fn=artifact_cache_key, persist_result=True, cache_result_in_memory=False)
@@ -95,7 +96,8 @@ class Stages:
         if job.stage not in self.records:
             self.tracker.finish_stage(run_id, ref)
             self.records[job.stage] = {"status": ref.status, "path": ref.path, "digest": ref.digest,
-                                       "key": ref.key, "seconds": round(ref.seconds, 3)}
+                                       "key": ref.key, "seconds": round(ref.seconds, 3),
+                                       "build_seconds": ref.build_seconds}
         return ref
 
 
@@ -143,19 +145,34 @@ def branchmerge(config: PipelineConfig | None = None, overrides: list[str] | Non
     return finish(cfg, stages, tracker, refs, started)
 
 
+def training_cost(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> str | None:
+    """Branch-Merge's training cost (every branch SFT, and the merge) beside the mixed-data baseline's, from
+    what building each took (whenever it was built)."""
+    seconds = {stage: rec["build_seconds"] for stage, rec in records.items() if rec.get("build_seconds")}
+    branches = [seconds.get(f"sft/{d}") for d in cfg.data.domains]
+    if None in branches or "merge" not in seconds:
+        return None
+    text = (f"branches {' + '.join(f'{b:.0f}' for b in branches)} = {sum(branches):.0f} s (longest {max(branches):.0f}"
+            f" s) + merge {seconds['merge']:.1f} s = {sum(branches) + seconds['merge']:.0f} s")
+    if "sft/mixture" in seconds:
+        text += f"; mixed-data baseline {seconds['sft/mixture']:.0f} s"
+    return text
+
+
 def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str, ArtifactRef],
            started: float) -> dict[str, Any]:
     from models.eval.report import results_table_plain, table_rows
 
     logger = get_run_logger()
     report_ref = refs["report"]
-    results = report_ref.meta["results"]
-    table = results_table_plain(results)
+    results, intervals = report_ref.meta["results"], report_ref.meta["intervals"]
+    table = results_table_plain(results, intervals=intervals)
     markdown = (Path(report_ref.path) / "results.md").read_text()
     run_dir = unique_run_dir(Path(cfg.run.store) / "runs", cfg.run.name)
     overall = {name: sum(scores.values()) / len(scores) for name, scores in results.items()}
     summary = {"name": cfg.run.name, "seconds": round(time.perf_counter() - started, 3),
-               "stages": stages.records, "results": results, "overall": overall,
+               "stages": stages.records, "results": results, "overall": overall, "intervals": intervals,
+               "comparisons": report_ref.meta["comparisons"], "training_cost": training_cost(cfg, stages.records),
                "teacher": refs["teacher"].meta.get("domains"), "report": report_ref.path,
                "mlflow_run_id": tracker.parent_id, "config": cfg.model_dump()}
     summary_path = run_dir / "summary.json"
@@ -164,12 +181,20 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     create_table_artifact(key="branchmerge-results", table=table_rows(results),
                           description=f"greedy pass@1 on held-out prompts ({cfg.run.name})")
     create_markdown_artifact(key="branchmerge-report", markdown=markdown + f"\n\nsummary: `{summary_path}`\n")
-    tracker.finish({f"pass_at_1.{name}": v for name, v in overall.items()},
+    ci = {f"pass_at_1_ci_{end}.{name}": bounds["overall"][i] for name, bounds in intervals.items()
+          for i, end in enumerate(("low", "high"))}
+    tracker.finish({f"pass_at_1.{name}": v for name, v in overall.items()} | ci,
                    [str(summary_path), str(Path(report_ref.path) / "results.md"),
                     str(Path(report_ref.path) / "results.png")])
     reused = sum(r["status"] == "reused" for r in stages.records.values())
     logger.info("stages: %d computed, %d reused", len(stages.records) - reused, reused)
-    logger.info("results (greedy pass@1, held-out):\n%s", table)
+    prompts = report_ref.meta["prompts"]
+    logger.info("results (greedy pass@1 [95%% interval], held-out: %s prompts):\n%s",
+                ", ".join(f"{d} {n}" for d, n in prompts.items()), table)
+    for c in report_ref.meta["comparisons"]:
+        logger.info("%s - %s: %+.3f [%+.3f, %+.3f], p = %.3f", c["a"], c["b"], c["difference"], *c["ci"], c["p"])
+    if cost := training_cost(cfg, stages.records):
+        logger.info("training cost: %s", cost)
     logger.info("summary: %s", summary_path)
     return {"summary": str(summary_path), "overall": overall, "results": results, "table": table,
             "report": report_ref.path}

@@ -1,11 +1,14 @@
 """Hydra entry point: `python -m flows.run experiment=tiny merge.method=linear,ties -m`.
 
-Hydra composes conf/ (and sweeps it with -m); the schema validates it before any compute; the Prefect flow
-runs it. Returns the RL (else merged) model's mean pass@1 so an Optuna sweeper can optimise it unchanged.
+Hydra composes conf/ (and sweeps it with -m: the sweep ends with one comparison over its jobs, flows/compare.py);
+the schema validates it before any compute; the Prefect flow runs it. Returns the RL (else merged) model's mean
+pass@1 so an Optuna sweeper can optimise it unchanged.
 """
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -32,6 +35,8 @@ def main(cfg: DictConfig) -> float:
         preload(config.tracking.tracking_uri, config.tracking.experiment)  # overlaps Prefect's start-up
 
     result = branchmerge(config=config, overrides=overrides)
+    # the job folder keeps the run's summary: a multirun's comparison (flows/compare.py) reads it there
+    shutil.copy(result["summary"], Path(HydraConfig.get().runtime.output_dir) / "summary.json")
     print("\n" + result["table"])
     print(f"report:  {result['report']}/results.md (+ results.png)")
     print(f"summary: {result['summary']}")

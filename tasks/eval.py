@@ -1,4 +1,5 @@
-"""Eval stage: greedy pass@1 per domain on the held-out split; every generation is kept for inspection.
+"""Eval stage: greedy pass@1 (and, with eval.n, pass@n and maj@n) per domain on the held-out split, each with its
+95 % interval (models/eval/metrics.py); every generation is kept for inspection and for paired comparisons.
 Items: the models (base, branch/<domain>, merged, rl)."""
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
 
 def models(cfg: PipelineConfig) -> list[str]:
     """The evaluated models, in report order; each names the artifact it evaluates (model_artifact)."""
-    return ["base", *(f"branch/{d}" for d in cfg.data.domains), "merged", *(["rl"] if cfg.rl.enabled else [])]
+    return ["base", *(f"branch/{d}" for d in cfg.data.domains), *(["mixture"] if cfg.sft.mixture else []),
+            "merged", *(["rl"] if cfg.rl.enabled else [])]
 
 
 def model_artifact(item: str) -> str:
@@ -23,7 +25,7 @@ def model_artifact(item: str) -> str:
         return "model/student"
     if item.startswith("branch/"):
         return f"sft/{item.removeprefix('branch/')}"
-    return {"merged": "merge", "rl": "rl"}[item]
+    return {"mixture": "sft/mixture", "merged": "merge", "rl": "rl"}[item]
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
@@ -32,14 +34,14 @@ def needs(cfg: PipelineConfig, item: str) -> list[str]:
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     # The model's name is not in the key: the same weights evaluated under two names are evaluated once.
-    return make_job(f"eval/{item}", {"eval": cfg.eval.model_dump()},
+    return make_job(f"eval/{item}", {"eval": cfg.eval.model_dump(), "seed": cfg.run.seed},
                     {"model": refs[model_artifact(item)], "mix": refs["mix"]}, __name__, cfg.run.store,
                     "eval" in cfg.run.refresh)
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     from models.data import domains
-    from models.eval.metrics import accuracy_by_domain
+    from models.eval.metrics import summarize
     from models.lm import generation
     from models.lm.hf import load_model, load_tokenizer
 
@@ -49,16 +51,25 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     model_dir = job.upstream["model"].path
     model, tokenizer = load_model(model_dir, cfg.dtype), load_tokenizer(model_dir)
     conversations = [domains.build_messages(it, shots[it["domain"]]) for it in items]
-    outputs = generation.generate(model, tokenizer, conversations, n=1, temperature=0.0, top_p=1.0,
-                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=0,
-                                  desc=f"eval {job.stage.split('/', 1)[1]}")
+    name = job.stage.split("/", 1)[1]
+    greedy = generation.generate(model, tokenizer, conversations, n=1, temperature=0.0, top_p=1.0,
+                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=0,
+                                 desc=f"eval {name}")
+    sampled = generation.generate(model, tokenizer, conversations, n=cfg.n, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                  seed=job.config["seed"], desc=f"eval {name} (n={cfg.n})") if cfg.n else None
     rows = []
-    for item, (c,) in zip(items, outputs):
+    for i, (item, (c,)) in enumerate(zip(items, greedy)):
         answer = domains.extract_answer(c["text"])
-        rows.append({"id": item["id"], "domain": item["domain"], "question": item["question"],
-                     "reference": item["answer"], "completion": c["text"], "answer": answer,
-                     "score": domains.score(item, answer), "num_tokens": c["num_tokens"]})
-    metrics = accuracy_by_domain(rows)
+        row = {"id": item["id"], "domain": item["domain"], "question": item["question"],
+               "reference": item["answer"], "completion": c["text"], "answer": answer,
+               "score": domains.score(item, answer), "num_tokens": c["num_tokens"]}
+        if sampled is not None:
+            answers = [domains.extract_answer(s["text"]) for s in sampled[i]]
+            row |= {"sample_answers": answers, "sample_scores": [domains.score(item, a) for a in answers],
+                    "sample_tokens": [s["num_tokens"] for s in sampled[i]]}
+        rows.append(row)
+    metrics = summarize(rows, k=cfg.n or None)
     write_jsonl(out / "generations.jsonl", rows)
     write_json(out / "metrics.json", metrics)
     return metrics

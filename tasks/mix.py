@@ -1,4 +1,4 @@
-"""Mix stage: reasoning-gym domains -> train/eval prompt pools, few-shot examples, clusters and weights.
+"""Mix stage: reasoning-gym domains -> train / dev / held-out prompt pools, few-shot examples, clusters, weights.
 
 CLIMB-style: embed every training prompt (all-MiniLM-L6-v2), k-means, optionally merge close clusters, and
 report how clusters align with domains. Mixture weights are uniform or token-share priors for now.
@@ -28,12 +28,15 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     from models.data import domains, mixing
 
     data = DataConfig.model_validate(job.config["data"])
-    train, held_out, shots = [], [], {}
+    train, dev, held_out, shots = [], [], [], {}
     for name, domain in data.domains.items():
         tasks = [t.model_dump() for t in domain.tasks]
-        items = domains.build_items(name, tasks, size=data.train_size + data.eval_size, seed=data.seed)
-        tr, ev = domains.split_items(items, data.eval_size, seed=data.seed)
+        items = domains.build_items(name, tasks, size=data.train_size + data.dev_size + data.eval_size,
+                                    seed=data.seed)
+        rest, ev = domains.split_items(items, data.eval_size, seed=data.seed)
+        tr, dv = domains.split_items(rest, data.dev_size, seed=data.seed + 1)
         train += tr
+        dev += dv
         held_out += ev
         shots[name] = domains.make_shots(tasks, k=data.shots, seed=data.seed + 10_000)
 
@@ -49,10 +52,11 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     weights = mixing.mixture_weights(sizes, strategy=data.weights, temperature=data.temperature)
 
     write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "dev.jsonl", dev)
     write_jsonl(out / "eval.jsonl", held_out)
     write_json(out / "shots.json", shots)
-    summary = {"train": len(train), "eval": len(held_out), "weights": weights,
+    summary = {"train": len(train), "dev": len(dev), "eval": len(held_out), "weights": weights,
                "alignment": {k: alignment[k] for k in ("ari", "nmi", "purity")},
                "contingency": alignment.get("contingency")}
     write_json(out / "mix.json", summary)
-    return {k: summary[k] for k in ("train", "eval", "weights", "alignment")}
+    return {k: summary[k] for k in ("train", "dev", "eval", "weights", "alignment")}

@@ -1,6 +1,6 @@
 """SFT stage: one branch = the base student fine-tuned on the teacher's kept responses for one domain, through
 the data recipe of conf/sft (models/training/recipes.py), resumable from the store's scratch folder after a crash.
-Items: the domains."""
+Items: the domains, and `mixture` (sft.mixture): the mixed-data baseline on the union of every domain's data."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -14,6 +14,22 @@ from tasks.store import ArtifactRef, Store
 if TYPE_CHECKING:
     from flows.schema import PipelineConfig
 
+MIXTURE = "mixture"
+
+
+def items(cfg: PipelineConfig) -> list[str]:
+    return [*cfg.data.domains, *([MIXTURE] if cfg.sft.mixture else [])]
+
+
+def settings(cfg: PipelineConfig, item: str) -> SFTConfig:
+    """The branch's settings; the mixture's: one stage over the union (dmt has no "other domains" there), and the
+    branches' step budget together."""
+    if item != MIXTURE:
+        return cfg.sft
+    return cfg.sft.model_copy(update={
+        "recipe": "single" if cfg.sft.recipe == "dmt" else cfg.sft.recipe,
+        "max_steps": cfg.sft.max_steps * len(cfg.data.domains) if cfg.sft.max_steps > 0 else cfg.sft.max_steps})
+
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
     reference = ["model/teacher"] if cfg.sft.loss == "poft" and cfg.sft.poft_reference == "teacher" else []
@@ -24,13 +40,14 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     upstream = {"base": refs["model/student"], "teacher": refs["teacher"]}
     if "model/teacher" in needs(cfg, item):
         upstream["teacher_model"] = refs["model/teacher"]
-    return make_job(f"sft/{item}", {"sft": cfg.sft.model_dump(), "branch": item, "seed": cfg.run.seed}, upstream,
+    return make_job(f"sft/{item}", {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed},
+                    upstream,
                     __name__, cfg.run.store, "sft" in cfg.run.refresh,
                     hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}")
 
 
 def examples_for(teacher_dir: str, branch: str) -> list[dict[str, Any]]:
-    rows = [r for r in read_jsonl(Path(teacher_dir) / "sft.jsonl") if r["domain"] == branch]
+    rows = [r for r in read_jsonl(Path(teacher_dir) / "sft.jsonl") if branch in (MIXTURE, r["domain"])]
     if not rows:
         raise ValueError(f"teacher kept no responses for domain {branch!r} ({teacher_dir}/sft.jsonl): raise "
                          "teacher.n or teacher.max_new_tokens, ease the domain's task config, or set teacher.keep=all")

@@ -43,7 +43,8 @@ class ArtifactRef(BaseModel):
     path: str
     digest: str
     status: str = "computed"  # computed | reused
-    seconds: float = 0.0
+    seconds: float = 0.0  # what it took this time (building, or verifying for reuse)
+    build_seconds: float | None = None  # what building it took, whenever that was (not part of its content)
     meta: dict[str, Any] = {}
 
 
@@ -130,8 +131,9 @@ class Store:
         manifest = verified_manifest(folder, stage, key)
         if manifest is None:
             return None
+        build = _read_json(folder.parent / f".{key}.build.json").get("seconds")
         return ArtifactRef(stage=stage, key=key, path=str(folder), digest=manifest["digest"], status="reused",
-                           meta=manifest["meta"])
+                           build_seconds=build if isinstance(build, (int, float)) else None, meta=manifest["meta"])
 
     def is_valid(self, stage: str, key: str) -> bool:
         return self.load(stage, key) is not None
@@ -205,6 +207,10 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def sealed_ref(self, stage: str, key: str, seconds: float) -> ArtifactRef:
+        """The sealed artifact's reference; its build time is kept beside it (the summary and a later reuse
+        report it; it is no part of the content, so no digest depends on the machine)."""
+        with contextlib.suppress(OSError):
+            _write_json_atomic(self.root / stage / f".{key}.build.json", {"seconds": round(seconds, 3)})
         ref = self.load(stage, key)
         if ref is None:
             raise RuntimeError(f"artifact {stage}/{key} failed verification right after writing")

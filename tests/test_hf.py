@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.lm.chat import stop_token_ids
-from models.lm.generation import completion, generate, prompt_ids, shared_prefix_len
+from models.lm.generation import completion, generate, generate_ids, nucleus, prompt_ids, shared_prefix_len
 from models.lm.hf import joined_gguf, load_model, load_tokenizer, materialize_model, tiny_model_folder
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -111,6 +111,62 @@ def test_greedy_matches_transformers_generate(tiny):
         expected = completion(tok, ref.tolist(), set(stop_token_ids(tok)))
         assert outs[0] == expected
         assert outs[0]["num_tokens"] == len(ref)  # no stop token from a random model: all 8 counted
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in stops), ids)
+
+
+def test_greedy_matches_transformers_generate_while_rows_join_and_leave(tmp_path):
+    """Float32 greedy decoding equals model.generate token for token, through continuous batching: prompts of
+    different lengths, rows ending at different steps (a token the model emits mid-way is made a stop token),
+    prompts joining a running batch, for every batch size."""
+    from collections import Counter
+
+    # larger random weights than the tiny fixture's, whose greedy output is one token repeated
+    path = tiny_model_folder(tmp_path / "varied", seed=0, dtype="float32", initializer_range=0.2, **TINY)
+    model, tok = load_model(path, "float32"), load_tokenizer(path)
+    convs = [[{"role": "user", "content": f"Question {i}: " + "more words " * (2 * i)}] for i in range(7)]
+    prompts = prompt_ids(tok, convs)
+    kw = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0, progress=False)
+    free = [c for (c,) in generate_ids(model, tok, prompts, batch_size=4, **kw)]
+    # a token some completions emit after a few steps and others never: those rows end early, the rest run on
+    firsts = Counter(t for c in free for t in set(c) if c.index(t) >= 2)
+    stop = next(t for t, k in firsts.most_common() if k < len(free) and all(t not in c[:2] for c in free))
+    before = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [*stop_token_ids(tok), stop]
+    try:
+        stops = stop_token_ids(tok, model.generation_config)
+        expected = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=12, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+            expected.append(cut_at_stop(ref[0, len(prompt):].tolist(), stops))
+        assert 1 < len({len(e) for e in expected}) and any(len(e) == 12 for e in expected)  # rows end apart
+        for batch_size in (1, 2, 3, 16):
+            assert [c for (c,) in generate_ids(model, tok, prompts, batch_size=batch_size, **kw)] == expected
+    finally:
+        model.generation_config.eos_token_id = before
+
+
+def test_nucleus_equals_the_full_sort():
+    """The candidate search gives the set and probabilities a sort of the whole vocabulary gives."""
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.3, 0.8, 3.0):  # peaked to flat: the flat one falls back to the full sort
+        probs = torch.softmax(torch.randn(5, 5000, generator=g) * 4 / temperature, -1)
+        for top_p in (0.5, 0.9, 0.95):
+            ids, kept = nucleus(probs, top_p)
+            got = torch.zeros_like(probs).scatter_(-1, ids, kept)
+            want = torch.zeros_like(probs)
+            for r, row in enumerate(probs):  # the definition: most likely first, until the mass reaches top_p
+                total = 0.0
+                for i in row.argsort(descending=True).tolist():
+                    if total > top_p:
+                        break
+                    want[r, i] = row[i]
+                    total += float(row[i])
+            assert torch.equal(got > 0, want > 0) and torch.allclose(got, want)
 
 
 def test_completion_cuts_at_stop_token(tiny):

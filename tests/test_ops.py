@@ -39,9 +39,23 @@ def test_hydra_multirun_sweep_shares_upstream(tmp_path):
     assert [s["config"]["merge"]["method"] for s in (first, second)] == ["linear", "ties"]
     assert set(s["status"] for s in first["stages"].values()) == {"computed"}
     reused = {k for k, v in second["stages"].items() if v["status"] == "reused"}
-    assert {"model/tiny-llama", "mix", "teacher", "sft/arithmetic", "sft/gcd", "sft/lcm",
-            "eval/base"} <= reused
+    assert {"model/tiny-llama", "mix", "teacher", "sft/arithmetic", "sft/gcd", "sft/lcm", "sft/mixture",
+            "eval/base", "eval/mixture"} <= reused
     assert second["stages"]["merge"]["status"] == "computed"
+    # the multirun ends with one comparison of its jobs (flows/compare.py through the Hydra callback)
+    comparison = json.loads((tmp_path / "multirun" / "comparison.json").read_text())
+    assert comparison["swept"] == ["merge.method"] and comparison["jobs"] == 2
+    rows = {(r["group"], r["model"]): r for r in comparison["table"]}
+    for summary in (first, second):
+        row = rows[(f"merge.method={summary['config']['merge']['method']}", "merged")]
+        assert row["overall"] == {"mean": summary["overall"]["merged"], "std": 0.0} and row["jobs"] == 1
+    assert "comparison:" in proc.stdout and (tmp_path / "multirun" / "comparison.png").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    study = client.get_run(comparison["mlflow_run_id"])
+    assert study.data.tags["study"] == "multirun" and study.info.status == "FINISHED"
+    assert set(study.data.tags["jobs"].split(",")) == {first["mlflow_run_id"], second["mlflow_run_id"]}
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -94,10 +108,10 @@ def test_dvc_repro_tiny(tmp_path):
     sh("dvc", "init", "-q")
     sh(PY, "-m", "flows.stage", "params", "experiment=tiny", "tracking=none")
     out = sh("dvc", "repro")
-    for stage in ("model@student", "mix", "teacher", "sft@arithmetic", "sft@lcm", "merge", "rl", "eval", "report"):
+    for stage in ("model@student", "mix", "teacher", "sft", "merge", "rl", "eval", "report"):
         assert f"'{stage}'" in out
     metrics = json.loads((repo / "dvc/metrics.json").read_text())
-    assert set(metrics) == {"base", "branch/arithmetic", "branch/gcd", "branch/lcm", "merged", "rl"}
+    assert set(metrics) == {"base", "branch/arithmetic", "branch/gcd", "branch/lcm", "mixture", "merged", "rl"}
     assert (repo / "dvc/merge/model.safetensors").exists() and (repo / "dvc/merge/config.json").exists()
     again = sh("dvc", "repro")
     assert "Data and pipelines are up to date" in again, again
@@ -107,7 +121,7 @@ def test_dvc_repro_tiny(tmp_path):
     params["merge"]["parameters"]["density"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc", "repro")
-    assert "Running stage 'merge'" in out and "Running stage 'sft@arithmetic'" not in out
+    assert "Running stage 'merge'" in out and "Running stage 'sft'" not in out
 
 
 def free_port() -> int:

@@ -36,11 +36,12 @@ def first(store):
 def test_end_to_end_computes_every_stage(first):
     st = statuses(first)
     domains = ["arithmetic", "gcd", "lcm"]
-    expected = {"model/tiny-llama", "mix", "teacher", *(f"sft/{d}" for d in domains), "merge", "rl",
-                "eval/base", *(f"eval/branch/{d}" for d in domains), "eval/merged", "eval/rl", "report"}
+    expected = {"model/tiny-llama", "mix", "teacher", *(f"sft/{d}" for d in domains), "sft/mixture", "merge", "rl",
+                "eval/base", *(f"eval/branch/{d}" for d in domains), "eval/mixture", "eval/merged", "eval/rl",
+                "report"}
     assert set(st) == expected
     assert set(st.values()) == {"computed"}
-    assert set(first["results"]) == {"base", *(f"branch/{d}" for d in domains), "merged", "rl"}
+    assert set(first["results"]) == {"base", *(f"branch/{d}" for d in domains), "mixture", "merged", "rl"}
     for rec in first["stages"].values():
         assert len(rec["digest"]) == 64 and Path(rec["path"]).is_dir()
     report = Path(first["report"])
@@ -63,7 +64,11 @@ def test_eval_accuracy_equals_rescoring_generations(first):
             expected = score_fn(row["answer"], entry) if row["answer"] is not None else 0.0
             assert row["score"] == expected
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["pass@1"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
+        for domain, stats in metrics["domains"].items():
+            scores = [r["score"] for r in rows if r["domain"] == domain]
+            assert stats["pass@1"]["value"] == pytest.approx(sum(scores) / len(scores)) and stats["n"] == len(scores)
+            lo, hi = stats["pass@1"]["ci"]
+            assert 0 <= lo <= stats["pass@1"]["value"] <= hi <= 1
 
 
 def test_merged_model_equals_linear_formula(first):

@@ -53,12 +53,15 @@ class EmbedConfig(Settings):
 
 
 class DataConfig(Settings):
-    """`domains` are the branches: name -> reasoning-gym tasks. `train_size` prompts per domain feed the teacher
-    and RL, `eval_size` held-out prompts per domain the evaluation; `shots` worked examples per task precede each
-    question; `embed` clusters the training prompts; `weights` are the mixture weights over domains."""
+    """`domains` are the branches: name -> reasoning-gym tasks. Per domain, `train_size` prompts feed the teacher
+    and RL, `dev_size` prompts are for anything that tunes (mixture and merge searches, checkpoint choice) and
+    `eval_size` held-out prompts only ever feed the final report; the three are disjoint by question. `shots`
+    worked examples per task precede each question; `embed` clusters the training prompts; `weights` are the
+    mixture weights over domains."""
 
     domains: dict[str, DomainConfig] = Field(min_length=1)
     train_size: int = Field(gt=0)
+    dev_size: int = Field(ge=0)
     eval_size: int = Field(gt=0)
     seed: int
     shots: int = Field(ge=0)
@@ -70,6 +73,8 @@ class DataConfig(Settings):
     @classmethod
     def _domain_names_are_paths(cls, domains: dict) -> dict:
         for name in domains:
+            if name == "mixture":  # the mixed-data baseline's name (sft/mixture, eval/mixture)
+                raise ValueError("domain name 'mixture' is taken by the mixed-data baseline; rename the domain")
             if not name.replace("_", "").isalnum() or not name.isascii():
                 raise ValueError(f"domain name {name!r} must be ASCII letters, digits and underscores (it names "
                                  "folders and MLflow runs)")
@@ -109,7 +114,8 @@ def _task_config_ok(task: str, blob: str, rg_version: str) -> None:
     import hashlib
 
     digest = hashlib.sha256(f"{task}|{blob}".encode()).hexdigest()[:16]
-    cached_json(f"reasoning_gym-{rg_version}-config-{digest}.json", lambda: _validate_task_config(task, json.loads(blob)))
+    cached_json(f"reasoning_gym-{rg_version}-config-{digest}.json",
+                lambda: _validate_task_config(task, json.loads(blob)))
 
 
 def _validate_task_config(task: str, config: dict[str, Any]) -> bool:

@@ -3,15 +3,16 @@
 ``results`` maps model name -> domain -> score (e.g. greedy pass@1). Columns are the domains (in order of first
 appearance), then ``overall`` = the unweighted mean over the model's domains, then any ``extra`` columns
 (``extra`` maps model name -> column -> value, e.g. ``{"base": {"mean_completion_tokens": 87.2}}``).
-Missing cells show as "-" (None in ``table_rows``). No Prefect here: ``table_rows`` feeds
-``create_table_artifact`` in tasks/.
+Missing cells show as "-" (None in ``table_rows``). ``intervals`` (model -> column -> (low, high), a 95 %
+confidence interval) adds "[low, high]" to a cell and error bars to the chart. No Prefect here: ``table_rows``
+feeds the flow's ``create_table_artifact``.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ MISSING = "-"
 
 Results = Mapping[str, Mapping[str, float]]
 Extra = Mapping[str, Mapping[str, float]] | None
+Intervals = Mapping[str, Mapping[str, Sequence[float]]] | None
 
 
 def domains_of(results: Results) -> list[str]:
@@ -74,24 +76,31 @@ def table_rows(results: Results, extra: Extra = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _cells(results: Results, extra: Extra) -> tuple[list[str], list[list[str]]]:
+def _cells(results: Results, extra: Extra, intervals: Intervals = None) -> tuple[list[str], list[list[str]]]:
     rows = table_rows(results, extra)
     header = list(rows[0])
-    body = [[str(r[MODEL])] + [MISSING if r[c] is None else f"{r[c]:.{DIGITS}f}" for c in header[1:]] for r in rows]
+
+    def cell(model: str, column: str, value: float | None) -> str:
+        if value is None:
+            return MISSING
+        ci = (intervals or {}).get(model, {}).get(column)
+        return f"{value:.{DIGITS}f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci is not None else "")
+
+    body = [[str(r[MODEL])] + [cell(r[MODEL], c, r[c]) for c in header[1:]] for r in rows]
     return header, body
 
 
-def results_table_markdown(results: Results, extra: Extra = None) -> str:
-    """GitHub Markdown table: rows = models, columns = domains + overall (+ extra); 3 decimals."""
-    header, body = _cells(results, extra)
+def results_table_markdown(results: Results, extra: Extra = None, intervals: Intervals = None) -> str:
+    """GitHub Markdown table: rows = models, columns = domains + overall (+ extra); 3 decimals (+ intervals)."""
+    header, body = _cells(results, extra, intervals)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
 
-def results_table_plain(results: Results, extra: Extra = None) -> str:
+def results_table_plain(results: Results, extra: Extra = None, intervals: Intervals = None) -> str:
     """Aligned plain-text table for logs and the console (model column left, numbers right-aligned)."""
-    header, body = _cells(results, extra)
+    header, body = _cells(results, extra, intervals)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
@@ -119,8 +128,10 @@ def results_table_rich(results: Results, extra: Extra = None, *, title: str | No
     return buf.getvalue()
 
 
-def results_bar_chart(results: Results, path: str | Path, *, title: str | None = None) -> Path:
-    """Grouped bar chart (PNG): one group per domain plus ``overall``, one bar colour per model."""
+def results_bar_chart(results: Results, path: str | Path, *, title: str | None = None,
+                      intervals: Intervals = None) -> Path:
+    """Grouped bar chart (PNG): one group per domain plus ``overall``, one bar colour per model; error bars from
+    ``intervals``."""
     # Figure + Agg canvas, no pyplot: no global backend state, safe in worker threads.
     import numpy as np
     from matplotlib import colormaps
@@ -138,7 +149,13 @@ def results_bar_chart(results: Results, path: str | Path, *, title: str | None =
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
         vals = [np.nan if row[g] is None else row[g] for g in groups]
-        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=row[MODEL], color=cmap(i % cmap.N))
+        cis = [(intervals or {}).get(row[MODEL], {}).get(g) for g in groups]
+        yerr = None
+        if any(ci is not None for ci in cis):
+            yerr = np.array([[0.0, 0.0] if ci is None or np.isnan(v) else [max(0.0, v - ci[0]), max(0.0, ci[1] - v)]
+                             for v, ci in zip(vals, cis)]).T  # (rounding can put a bound a hair past the value)
+        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=row[MODEL], color=cmap(i % cmap.N), yerr=yerr,
+               capsize=2, error_kw={"elinewidth": 0.8})
     rotate = len(groups) > 6
     ax.set_xticks(x, groups, rotation=30 if rotate else 0, ha="right" if rotate else "center")
     ax.set_ylabel("score")

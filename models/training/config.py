@@ -41,6 +41,9 @@ class SFTConfig(Settings):
     when `poft_length_normalize`).
     `recipe`: single | dmt (stage 2 = other domains + `dmt_k` of the branch's data) | curriculum (stage 2 = the
     `hard_fraction` of examples the teacher solved least often).
+    `mixture`: also train the mixed-data baseline, one SFT from the same base on the union of every branch's data
+    with the branches' settings and their budget together (the same examples and epochs; max_steps times the
+    number of domains), in one stage (recipe single, curriculum kept).
     """
 
     lr: float = Field(gt=0)
@@ -67,6 +70,7 @@ class SFTConfig(Settings):
     recipe: Literal["single", "dmt", "curriculum"]
     dmt_k: float = Field(ge=0, le=1)
     hard_fraction: float = Field(gt=0, le=1)
+    mixture: bool
 
     @field_validator("max_steps")
     @classmethod

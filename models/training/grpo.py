@@ -12,7 +12,7 @@ Public API:
         -> (per-token log-probs, per-token entropy or None)
     selective_logprobs(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl) -> per-token log-probs
     grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, ...) -> (loss, metrics)
-    GRPOModule(model, tokenizer, reward_fn, build_messages, cfg, *, ref_model, micro_batch_size)
+    GRPOModule(model, tokenizer, reward_fn, build_messages, cfg, *, ref_model, seed, micro_batch_size)
     train_grpo(cfg, model_dir, items, reward_fn, build_messages, out_dir, *, seed, ...) -> dict
 
 Every setting comes from one RLConfig (models/training/config.py, conf/rl/).
@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
 from models.lm.chat import stop_token_ids
+from models.lm.generation import generate_ids, left_padded, prompt_ids
 from models.lm.hf import save_model_folder
 from models.training import DivergedError
 from models.training.config import RLConfig
@@ -281,7 +282,7 @@ class GRPOModule(L.LightningModule):
     (bnpo: TRL's per-micro-batch normalisation, averaged). `history` holds each step's metrics.
     """
 
-    def __init__(self, model, tokenizer, reward_fn, build_messages, cfg: RLConfig, *, ref_model,
+    def __init__(self, model, tokenizer, reward_fn, build_messages, cfg: RLConfig, *, ref_model, seed: int,
                  micro_batch_size: int | None = None):
         super().__init__()
         if cfg.beta != 0.0 and ref_model is None:
@@ -289,7 +290,7 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
         self.reward_fn, self.build_messages = reward_fn, build_messages
-        self.cfg, self.micro_batch_size = cfg, micro_batch_size
+        self.cfg, self.micro_batch_size, self.seed = cfg, micro_batch_size, seed
         self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.history: list[dict] = []
@@ -300,34 +301,37 @@ class GRPOModule(L.LightningModule):
                               weight_decay=self.cfg.weight_decay)
 
     @torch.no_grad()
+    @torch.no_grad()
     def generate(self, items: list[dict]) -> dict:
-        """Sample G completions per item; rows are grouped by prompt ([p0g0, p0g1, ..., p1g0, ...])."""
-        cfg, tok = self.cfg, self.tokenizer
+        """Sample G completions per item with the pipeline's generation engine (models/lm/generation.py); rows are
+        grouped by prompt ([p0g0, p0g1, ..., p1g0, ...]), completions right-padded."""
+        cfg, tok, G = self.cfg, self.tokenizer, self.cfg.num_generations
         messages = [self.build_messages(it) for it in items]
-        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        enc = enc.to(self.device)
+        prompts = prompt_ids(tok, messages)
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                **enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,  # top_k=0: off, as TRL
-                max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.num_generations,
-                pad_token_id=self.pad_id, eos_token_id=self.stop_ids, use_cache=True,
-            )
+            completions = generate_ids(self.model, tok, prompts, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts) * G,
+                                       seed=self.seed * 1_000_003 + self.trainer.global_step, progress=False)
         except RuntimeError as err:  # torch.multinomial on NaN / inf probabilities: the last update diverged
             if "inf" in str(err) and "nan" in str(err):
                 raise DivergedError("rollouts sampled from non-finite probabilities", self.trainer.global_step + 1
                                     ) from err
             raise
-        self.model.train(was_training)
-        prompt_len = enc["input_ids"].size(1)
-        completion_ids = out[:, prompt_len:]
+        finally:
+            self.model.train(was_training)
+        prompt_ids_, prompt_mask = left_padded([p for p in prompts for _ in range(G)], self.pad_id)
+        rows = [c for per_prompt in completions for c in per_prompt]
+        width = max(len(r) for r in rows)
+        completion_ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows])
+        prompt_ids_, prompt_mask, completion_ids = (t.to(self.device) for t in (prompt_ids_, prompt_mask,
+                                                                                completion_ids))
         completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
-        prompt_mask = enc["attention_mask"].repeat_interleave(cfg.num_generations, 0)
         return {
-            "messages": messages, "input_ids": out, "completion_ids": completion_ids,
-            "attention_mask": torch.cat([prompt_mask, completion_mask], 1), "completion_mask": completion_mask,
+            "messages": messages, "input_ids": torch.cat([prompt_ids_, completion_ids], 1),
+            "completion_ids": completion_ids, "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
+            "completion_mask": completion_mask,
         }
 
     def score(self, items: list[dict], batch: dict) -> torch.Tensor:
@@ -434,7 +438,8 @@ def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     ref_model = None
     if cfg.beta != 0.0:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    module = GRPOModule(load_for_training(model_dir, lora=None, gradient_checkpointing=False), tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model,
+    policy = load_for_training(model_dir, lora=None, gradient_checkpointing=False)
+    module = GRPOModule(policy, tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model, seed=seed,
                         micro_batch_size=micro_batch_size)
     batches = [[items[i] for i in idx] for idx in step_items(len(items), cfg.steps, cfg.prompts_per_step, seed)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)

@@ -11,7 +11,8 @@ Public API:
     SFTModule(model, cfg, total_steps)
     train_sft(cfg, model_dir, examples, out_dir, *, seed, ...) -> dict
 
-Every setting comes from one SFTConfig (models/training/config.py, conf/sft/). With packing=True, train_sft packs the tokenized examples into rows of at most max_length tokens
+Every setting comes from one SFTConfig (models/training/config.py, conf/sft/). With packing=True, train_sft
+packs the tokenized examples into rows of at most max_length tokens
 (models/data/packing.py: each example whole, position ids restarting, no attention across examples, first label of
 each example masked); batch_size then counts packed rows. The loss stays the mean over all target tokens of the
 batch, so it equals the unpacked loss over the same examples.
