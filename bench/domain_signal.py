@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -36,11 +35,6 @@ CANDIDATES = {
 }
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021), so n=8 estimates pass@4 with less noise."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
 def candidate(spec: str) -> tuple[str, dict]:
     """`name` (a config above) or `label=name:{json config}` for a setting not listed."""
     label, _, rest = spec.partition("=")
@@ -62,6 +56,7 @@ def model_folder(name: str, dtype: str) -> str:
 
 def main() -> None:
     from models.data import domains
+    from models.eval.metrics import pass_at_k
     from models.lm import generation
     from models.lm.hf import load_model, load_tokenizer
 

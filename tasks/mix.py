@@ -33,6 +33,11 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
         tasks = [t.model_dump() for t in domain.tasks]
         items = domains.build_items(name, tasks, size=data.train_size + data.dev_size + data.eval_size,
                                     seed=data.seed)
+        wanted = data.train_size + data.dev_size + data.eval_size
+        if len(items) < wanted:  # else the held-out split would eat the training pool (silently, before)
+            raise ValueError(f"data.domains.{name}: reasoning-gym gave {len(items)} distinct questions, fewer than "
+                             f"data.train_size + dev_size + eval_size = {wanted}; widen the tasks' configs (e.g. "
+                             "max_value) or lower the sizes")
         rest, ev = domains.split_items(items, data.eval_size, seed=data.seed)
         tr, dv = domains.split_items(rest, data.dev_size, seed=data.seed + 1)
         train += tr

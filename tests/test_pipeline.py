@@ -71,6 +71,18 @@ def test_eval_accuracy_equals_rescoring_generations(first):
             assert 0 <= lo <= stats["pass@1"]["value"] <= hi <= 1
 
 
+def test_the_mixture_baseline_trains_the_union_with_the_branches_budget(first):
+    meta = {name: json.loads((Path(first["stages"][name]["path"]) / "_manifest.json").read_text())["meta"]
+            for name in ("sft/arithmetic", "sft/gcd", "sft/lcm", "sft/mixture")}
+    branches = [meta[f"sft/{d}"] for d in ("arithmetic", "gcd", "lcm")]
+    assert meta["sft/mixture"]["examples"] == sum(b["examples"] for b in branches)
+    assert meta["sft/mixture"]["target_tokens"] == sum(b["target_tokens"] for b in branches)  # same data, epochs
+    # steps per epoch round up per branch: the union takes at most one step fewer per branch and epoch
+    assert 0 <= sum(b["steps"] for b in branches) - meta["sft/mixture"]["steps"] <= 3
+    teacher = [json.loads(line) for line in open(Path(first["stages"]["teacher"]["path"]) / "sft.jsonl")]
+    assert meta["sft/mixture"]["examples"] == len(teacher)
+
+
 def test_merged_model_equals_linear_formula(first):
     st = first["stages"]
     branches = [load_file(Path(st[f"sft/{d}"]["path"]) / "model.safetensors")
