@@ -79,6 +79,12 @@ class PipelineConfig(Settings):
             raise ValueError(f"sft.recipe='dmt' trains stage 2 on the other domains' data; data.domains has only "
                              f"{domains}: add a domain or use sft.recipe=single")
         merge.check(self.merge, domains)
+        self.teacher.check_backend("teacher")
+        self.eval.check_backend("eval")
+        served = self.eval.openai.model
+        if self.eval.backend == "openai" and served is not None and "{item}" not in served:
+            raise ValueError(f"eval.openai.model={served!r} would answer for every evaluated model (base, branches, "
+                             "merged, ...): use null (each artifact's folder) or a name with {item}")
         if self.sft.finetune == "lora":
             from models.training.lora_targets import check_lora_targets
 

@@ -28,7 +28,7 @@ class Job(BaseModel):
     key: str
     store: str
     refresh: bool
-    config: dict[str, Any]           # the settings the build uses (hashed into the key)
+    config: dict[str, Any]           # the settings the build uses (hashed into the key, less what make_job drops)
     upstream: dict[str, ArtifactRef]  # the artifacts it reads (their digests are hashed into the key)
     hint: str = ""                   # the settings to look at if the build diverges
 
@@ -38,9 +38,11 @@ class StageError(RuntimeError):
 
 
 def make_job(stage: str, config: dict[str, Any], upstream: dict[str, ArtifactRef], code: str, store: str,
-             refresh: bool, hint: str = "") -> Job:
-    """`code`: the stage module whose import closure versions the build (tasks/code.py)."""
-    key = artifact_key(stage, config, {k: v.digest for k, v in upstream.items()}, code_version(code))
+             refresh: bool, hint: str = "", key_config: dict[str, Any] | None = None) -> Job:
+    """`code`: the stage module whose import closure versions the build (tasks/code.py). `key_config`: what of
+    `config` shapes the artifact, when not all of it does (where a server is, how long to wait for it)."""
+    key = artifact_key(stage, config if key_config is None else key_config, {k: v.digest for k, v in upstream.items()},
+                       code_version(code))
     return Job(stage=stage, key=key, store=store, refresh=refresh, config=config, upstream=upstream, hint=hint)
 
 

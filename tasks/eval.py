@@ -34,30 +34,32 @@ def needs(cfg: PipelineConfig, item: str) -> list[str]:
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     # The model's name is not in the key: the same weights evaluated under two names are evaluated once.
+    # Nor is where a server runs (EvalConfig.key).
     return make_job(f"eval/{item}", {"eval": cfg.eval.model_dump(), "seed": cfg.run.seed},
                     {"model": refs[model_artifact(item)], "mix": refs["mix"]}, __name__, cfg.run.store,
-                    "eval" in cfg.run.refresh)
+                    "eval" in cfg.run.refresh, key_config={"eval": cfg.eval.key(), "seed": cfg.run.seed})
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     from models.data import domains
     from models.eval.metrics import summarize
-    from models.lm import generation
-    from models.lm.hf import load_model, load_tokenizer
+    from models.lm.backends import open_backend
+    from tasks.store import Store
 
     cfg, mix = EvalConfig.model_validate(job.config["eval"]), Path(job.upstream["mix"].path)
     items = read_jsonl(mix / "eval.jsonl")
     shots = read_json(mix / "shots.json")
     model_dir = job.upstream["model"].path
-    model, tokenizer = load_model(model_dir, cfg.dtype), load_tokenizer(model_dir)
     conversations = [domains.build_messages(it, shots[it["domain"]]) for it in items]
     name = job.stage.split("/", 1)[1]
-    greedy = generation.generate(model, tokenizer, conversations, n=1, temperature=0.0, top_p=1.0,
-                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=0,
-                                 desc=f"eval {name}")
-    sampled = generation.generate(model, tokenizer, conversations, n=cfg.n, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                  seed=job.config["seed"], desc=f"eval {name} (n={cfg.n})") if cfg.n else None
+    backend = open_backend(cfg, section="eval", model_dir=model_dir, served_model=cfg.served_model(name, model_dir),
+                           dtype=cfg.dtype, batch_size=cfg.batch_size,
+                           scratch=Store(job.store).scratch(job.stage, job.key))
+    greedy = backend.generate(conversations, n=1, temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                              seed=0, desc=f"eval {name}")
+    sampled = backend.generate(conversations, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_new_tokens=cfg.max_new_tokens, seed=job.config["seed"],
+                               desc=f"eval {name} (n={cfg.n})") if cfg.n else None
     rows = []
     for i, (item, (c,)) in enumerate(zip(items, greedy)):
         answer = domains.extract_answer(c["text"])

@@ -1,7 +1,8 @@
 """Model stage: any model source (GGUF in a wheel, split GGUF, local HF folder, tiny random) -> an HF folder.
 
-Items: `student` and `teacher`. Both come through here, keyed by their settings, so a GGUF is converted once and
-every later run, branch and sweep job reuses the same folder (and a teacher equal to the student is one artifact).
+Items: `student` and `teacher` (not when only a server has it). Both come through here, keyed by their settings,
+so a GGUF is converted once and every later run, branch and sweep job reuses the same folder (and a teacher equal
+to the student is one artifact).
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
     from flows.schema import PipelineConfig
+
+
+def items(cfg: PipelineConfig) -> list[str]:
+    """The student, and the teacher unless only a server has it (teacher.openai.model)."""
+    return ["student", *(["teacher"] if cfg.teacher.uses_local_model() else [])]
 
 
 def settings(cfg: PipelineConfig, item: str) -> ModelConfig:

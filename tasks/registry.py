@@ -44,8 +44,7 @@ def _one(cfg) -> list[str]:
 
 
 STAGES = (
-    Stage("model", model, (), ("student", "teacher.model"), lambda cfg: ["student", "teacher"],
-          dvc_foreach=("student", "teacher")),
+    Stage("model", model, (), ("student", "teacher.model"), model.items, dvc_foreach=("student", "teacher")),
     Stage("mix", mix, (), ("data",), _one),
     Stage("teacher", teacher, ("mix", "model"), ("teacher", "run.seed"), _one),
     Stage("sft", sft, ("model", "teacher"), ("sft", "run.seed"), sft.items),

@@ -15,29 +15,33 @@ if TYPE_CHECKING:
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
-    return ["mix", "model/teacher"]
+    return ["mix", *(["model/teacher"] if cfg.teacher.uses_local_model() else [])]
 
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
-    return make_job("teacher", {"teacher": cfg.teacher.model_dump(), "seed": cfg.run.seed},
-                    {"mix": refs["mix"], "model": refs["model/teacher"]}, __name__, cfg.run.store,
-                    "teacher" in cfg.run.refresh)
+    # A server's own model (teacher.openai.model) replaces the model/teacher artifact in the key; the server's URL
+    # and timeouts are not in it (TeacherConfig.key)
+    upstream = {"mix": refs["mix"]} | ({"model": refs["model/teacher"]} if cfg.teacher.uses_local_model() else {})
+    return make_job("teacher", {"teacher": cfg.teacher.model_dump(), "seed": cfg.run.seed}, upstream, __name__,
+                    cfg.run.store, "teacher" in cfg.run.refresh,
+                    key_config={"teacher": cfg.teacher.key(), "seed": cfg.run.seed})
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     from models.data import domains
-    from models.lm import generation
-    from models.lm.hf import load_model, load_tokenizer
+    from models.lm.backends import open_backend
+    from tasks.store import Store
 
     cfg, mix = TeacherConfig.model_validate(job.config["teacher"]), job.upstream["mix"].path
     items = read_jsonl(Path(mix) / "train.jsonl")
     shots = read_json(Path(mix) / "shots.json")
     conversations = [domains.build_messages(it, shots[it["domain"]]) for it in items]
-    model_dir = job.upstream["model"].path
-    model, tokenizer = load_model(model_dir, cfg.model.dtype), load_tokenizer(model_dir)
-    samples = generation.generate(model, tokenizer, conversations, n=cfg.n, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                  seed=job.config["seed"], desc="teacher")
+    model_dir = job.upstream["model"].path if "model" in job.upstream else None
+    backend = open_backend(cfg, section="teacher", model_dir=model_dir, served_model=cfg.openai.model or model_dir,
+                           dtype=cfg.model.dtype, batch_size=cfg.batch_size,
+                           scratch=Store(job.store).scratch(job.stage, job.key))
+    samples = backend.generate(conversations, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_new_tokens=cfg.max_new_tokens, seed=job.config["seed"], desc="teacher")
 
     scored, kept = [], []
     for item, messages, completions in zip(items, conversations, samples):

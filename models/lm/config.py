@@ -4,6 +4,8 @@ Importable without torch.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -59,7 +61,74 @@ class ModelConfig(Settings):
         return check_source(source)
 
 
-class TeacherConfig(Settings):
+Backend = Literal["hf", "openai", "vllm"]
+
+
+class OpenAIConfig(Settings):
+    """An OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, `transformers serve`) at `base_url` (e.g.
+    http://127.0.0.1:8000/v1). `model`: the served model id; null sends the model artifact's folder path, which
+    servers that load local folders on request take (`transformers serve`; vLLM started on that folder with
+    `--served-model-name` equal to it). `api_key_env` names the environment variable holding the API key (read
+    when the stage runs; never logged or stored); null sends none. At most `concurrency` requests in flight, each
+    given `timeout_s` seconds and retried `retries` times, waiting backoff_s, 2 backoff_s, 4 backoff_s, ... between
+    tries. Only `model` enters the cache key: the same model served elsewhere gives the same artifact."""
+
+    base_url: str | None
+    model: str | None
+    api_key_env: str | None
+    concurrency: int = Field(gt=0)
+    timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0)
+    backoff_s: float = Field(ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url={url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        return url
+
+
+class VLLMConfig(Settings):
+    """vLLM's offline engine in this process (the `vllm` extra, CUDA): `gpu_memory_utilization` of the GPU for
+    weights and KV cache, `max_model_len` tokens per sequence (null: the model's own limit)."""
+
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    max_model_len: int | None = Field(gt=0)
+
+
+class GenerationBackend(Settings):
+    """Where a stage generates: `backend` hf (our engine in this process, models/lm/generation.py), openai (a
+    server, settings in `openai`) or vllm (settings in `vllm`). models/lm/backends.py runs them."""
+
+    backend: Backend
+    openai: OpenAIConfig
+    vllm: VLLMConfig
+
+    def check_backend(self, section: str) -> None:
+        """ValueError naming `<section>.<field>` for a backend that cannot run as configured: checked before
+        any stage computes."""
+        if self.backend == "openai":
+            if self.openai.base_url is None:
+                raise ValueError(f"{section}.openai.base_url is required with {section}.backend=openai")
+            env = self.openai.api_key_env
+            if env is not None and not os.environ.get(env):
+                raise ValueError(f"{section}.openai.api_key_env={env!r}: that environment variable is not set")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(f"{section}.backend=vllm needs vLLM in this environment: pip install "
+                             "'branchmerge[vllm]' (CUDA only)")
+
+    def backend_key(self) -> dict[str, Any]:
+        """What of the backend changes the outputs, for the cache key: nothing for hf (its artifacts keep their
+        keys), the served model id for openai (not the URL, key or timeouts), the engine for vllm."""
+        if self.backend == "openai":
+            return {"backend": "openai", "served_model": self.openai.model}
+        if self.backend == "vllm":
+            return {"backend": "vllm", "max_model_len": self.vllm.max_model_len}
+        return {}
+
+
+class TeacherConfig(GenerationBackend):
     """Rejection sampling: `n` samples per training prompt at `temperature` / `top_p` (nucleus), at most
     `max_new_tokens` each, `batch_size` rows decoded at once; keep up to `keep_per_prompt` distinct responses per
     prompt that pass `keep` (verified: the task's score_answer accepts it; well_formed: finished with an extracted
@@ -73,6 +142,17 @@ class TeacherConfig(Settings):
     batch_size: int = Field(gt=0)
     keep_per_prompt: int = Field(gt=0)
     keep: Literal["verified", "well_formed", "all"]
+
+    def uses_local_model(self) -> bool:
+        """Whether the teacher generates from the model/teacher artifact (hf, vllm, or a server asked for that
+        folder) rather than from a model only the server has."""
+        return self.backend != "openai" or self.openai.model is None
+
+    def key(self) -> dict[str, Any]:
+        """The settings that shape the teacher's samples (the cache key's part): sampling, the local model unless
+        a server's own model answers, and backend_key()."""
+        out = self.model_dump(exclude={"backend", "openai", "vllm"} | (set() if self.uses_local_model() else {"model"}))
+        return out | self.backend_key()
 
     @model_validator(mode="after")
     def _keep_at_most_n(self) -> "TeacherConfig":

@@ -101,6 +101,10 @@ def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision:
                  root_dir: str, callbacks: list | None = None) -> L.Trainer:
     """Lightning Trainer on the default accelerator: no model summary, metrics logged every step, no checkpoints
     but those of `callbacks` (StepCheckpoint)."""
+    # Lightning logs "GPU available", "TPU available", a litlogger tip, the precision and why fit stopped at INFO,
+    # each twice (its own handler and the root's): the stage's own log line says what ran
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return L.Trainer(
         max_steps=max_steps, max_epochs=max_epochs, accumulate_grad_batches=grad_accum, precision=precision,
         logger=logger if logger is not None else False, enable_checkpointing=False, enable_progress_bar=progress,
