@@ -81,6 +81,10 @@ class PipelineConfig(Settings):
         merge.check(self.merge, domains)
         self.teacher.check_backend("teacher")
         self.eval.check_backend("eval")
+        if self.sft.loss == "poft" and self.sft.poft_reference == "teacher" and not self.teacher.uses_local_model():
+            raise ValueError(f"sft.poft_reference=teacher scores with the local teacher model, but "
+                             f"teacher.openai.model={self.teacher.openai.model!r} exists only on the server: use "
+                             "sft.poft_reference=base, or teacher.openai.model=null to serve the model/teacher folder")
         served = self.eval.openai.model
         if self.eval.backend == "openai" and served is not None and "{item}" not in served:
             raise ValueError(f"eval.openai.model={served!r} would answer for every evaluated model (base, branches, "

@@ -153,6 +153,8 @@ def test_the_key_holds_the_served_model_and_the_sampling_not_where_the_server_is
     (openai("http://127.0.0.1:1", "eval.openai.model=my-model", section="eval"),
      "eval.openai.model='my-model' would answer for every evaluated model"),
     (["teacher.backend=tgi"], "teacher.backend='tgi'"),
+    (openai("http://127.0.0.1:1", "teacher.openai.model=big", "sft.loss=poft", "sft.poft_reference=teacher"),
+     "sft.poft_reference=teacher scores with the local teacher model, but teacher.openai.model='big'"),
     (["eval.openai.concurrency=0"], "eval.openai.concurrency=0"),
 ])
 def test_a_backend_that_cannot_run_fails_naming_the_key(overrides, fragment, monkeypatch):
