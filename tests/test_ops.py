@@ -3,6 +3,7 @@ repo, and a nightly deployment registered on a real local Prefect server started
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,8 +134,9 @@ def free_port() -> int:
 @pytest.fixture
 def prefect_server(tmp_path):
     port = free_port()
+    # the scheduler looks for due schedules every 2 s instead of every 60 s
     env = env_with(PREFECT_HOME=tmp_path / "prefect-home", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_UI_ENABLED="false")
+                   PREFECT_UI_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS=2)
     server = subprocess.Popen([str(Path(PY).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
@@ -178,3 +180,32 @@ def test_deployment_registers_nightly_schedule(prefect_server):
     bad = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "cron=not a cron"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=180)
     assert bad.returncode != 0 and "deploy.cron='not a cron'" in bad.stderr
+
+
+def test_a_served_schedule_fires_and_its_run_completes(prefect_server, tmp_path):
+    """The schedule as users rely on it: the server's scheduler creates the run when it is due and the served
+    deployment runs it to completion (with sqlalchemy 2.1 the scheduler failed every loop and never did)."""
+    import httpx
+
+    url, env = prefect_server
+    env = env | {"PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "2", "BRANCHMERGE_STORE": str(tmp_path)}
+    served = subprocess.Popen([PY, "-m", "flows.deploy", "serve=true", "name=every-minute", "cron=* * * * *",
+                               "overrides=['experiment=tiny','tracking=none','rl.enabled=false']"], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, runs = time.time() + 420, []
+        while time.time() < deadline:
+            assert served.poll() is None, "flows.deploy stopped serving"
+            time.sleep(3)
+            runs = httpx.post(f"{url}/flow_runs/filter", timeout=10, json={
+                "deployments": {"name": {"any_": ["every-minute"]}}}).json()
+            if any(r["state_type"] == "COMPLETED" for r in runs):
+                break
+            assert not any(r["state_type"] in ("FAILED", "CRASHED") for r in runs), runs
+        done = [r for r in runs if r["state_type"] == "COMPLETED"]
+        assert done, f"no scheduled run completed within 7 minutes: {[(r['name'], r['state_type']) for r in runs]}"
+        assert done[0]["auto_scheduled"] is True and done[0]["parameters"]["overrides"][0] == "experiment=tiny"
+        assert summaries(tmp_path)  # the run wrote its summary into the store it was given
+    finally:
+        os.killpg(served.pid, signal.SIGTERM)
+        served.wait(60)
