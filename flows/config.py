@@ -1,6 +1,7 @@
 """Compose conf/ with Hydra (from the CLI, a test, a Prefect deployment or DVC) and validate it."""
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -9,6 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 from flows.schema import ConfigError, PipelineConfig, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# `${today:}`: the date the config is composed, as an int (20261130). A nightly deployment registered with the
+# override `data.seed=${today:}` draws new prompts each night: mix and everything after it are recomputed, while
+# the converted models (keyed by their own settings) stay cached.
+if not OmegaConf.has_resolver("today"):
+    OmegaConf.register_new_resolver("today", lambda: int(date.today().strftime("%Y%m%d")))
 
 
 def to_dict(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -148,3 +148,20 @@ def test_trainers_take_the_settings_object():
         params = list(inspect.signature(fn).parameters.values())
         assert params[0].name == "cfg" and params[0].annotation == settings
         assert len(params) <= 10, [p.name for p in params]
+
+
+def test_nightly_data_seed_is_the_date_of_each_run():
+    """conf/deploy.yaml registers `data.seed=${today:}` as a literal string; each scheduled run resolves it when
+    it composes, so the prompts change night to night."""
+    from datetime import date
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from flows.config import CONF_DIR, compose
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        deploy = hydra_compose(config_name="deploy")
+    assert "data.seed=${today:}" in list(deploy.overrides)
+    today = int(date.today().strftime("%Y%m%d"))
+    assert compose(["experiment=tiny", "data.seed=${today:}"]).data.seed == today
