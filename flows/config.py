@@ -57,9 +57,14 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.global_hydra import GlobalHydra
+
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        if GlobalHydra.instance().is_initialized():  # inside a @hydra.main of conf/ (flows.deploy)
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"cannot compose config with overrides {list(overrides)}: {err}") from None
     return validate(to_dict(cfg, overrides))

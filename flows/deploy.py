@@ -6,6 +6,7 @@ conf/ inside the flow exactly as the CLI would; the Prefect UI shows them (and t
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,8 +21,12 @@ def deployment(name: str, cron: str, timezone: str, overrides: list[str]):
 
     from prefect.schedules import Cron
 
+    from flows.config import compose
     from flows.pipeline import branchmerge
 
+    # what each scheduled run will compose, checked now: a bad override fails here, as on the command line,
+    # not at 2 a.m. (the overrides are registered as given; `${today:}` resolves again in each run)
+    compose(list(overrides))
     try:
         schedule = Cron(cron, timezone=timezone)
     except ValueError:
@@ -40,7 +45,13 @@ def deployment(name: str, cron: str, timezone: str, overrides: list[str]):
 def main(cfg: DictConfig) -> None:
     from prefect import serve
 
-    dep = deployment(cfg.name, cfg.cron, cfg.timezone, list(cfg.overrides))
+    from flows.schema import ConfigError
+
+    try:
+        dep = deployment(cfg.name, cfg.cron, cfg.timezone, list(cfg.overrides))
+    except ConfigError as err:
+        print(f"deploy.overrides={list(cfg.overrides)}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if cfg.serve:
         serve(dep)
     else:

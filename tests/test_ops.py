@@ -180,6 +180,16 @@ def test_deployment_registers_nightly_schedule(prefect_server):
     bad = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "cron=not a cron"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=180)
     assert bad.returncode != 0 and "deploy.cron='not a cron'" in bad.stderr
+    # a bad override fails at registration with the CLI's message, and nothing is registered
+    cli = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", "merge.method=foo"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    bad = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "name=bad-override",
+                          "overrides=['experiment=tiny','merge.method=foo']"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert cli.returncode == bad.returncode == 2
+    message = cli.stderr.strip().splitlines()
+    assert message and "merge.method='foo'" in cli.stderr and all(line in bad.stderr for line in message)
+    assert httpx.get(f"{url}/deployments/name/branchmerge/bad-override", timeout=10).status_code == 404
 
 
 def test_a_served_schedule_fires_and_its_run_completes(prefect_server, tmp_path):
