@@ -97,6 +97,21 @@ def make_scheduler(optimizer, *, scheduler: str, warmup_ratio: float, total_step
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
+def progress_bar():
+    """Lightning's progress bar (rich when installed, as Lightning picks) showing learning rates as 5.00e-05, not
+    its 0.000, and without the logger's version number."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    class ProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return {k: f"{float(v):.2e}" if k.endswith("lr") else v for k, v in items.items()}
+
+    return ProgressBar()
+
+
 def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool,
                  root_dir: str, callbacks: list | None = None) -> L.Trainer:
     """Lightning Trainer on the default accelerator: no model summary, metrics logged every step, no checkpoints
@@ -109,7 +124,7 @@ def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision:
         max_steps=max_steps, max_epochs=max_epochs, accumulate_grad_batches=grad_accum, precision=precision,
         logger=logger if logger is not None else False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, use_distributed_sampler=False,
-        default_root_dir=root_dir, callbacks=callbacks or [],
+        default_root_dir=root_dir, callbacks=[*(callbacks or []), *([progress_bar()] if progress else [])],
     )
 
 
