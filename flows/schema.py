@@ -30,9 +30,13 @@ class RunConfig(Settings):
     stages to `refresh` (recompute even when cached)."""
 
     name: str
+    """Run name, 1-64 of letters, digits, '.', '_', '-': names the run folder (runs/<time>-<name>) and MLflow run."""
     store: str
+    """Artifact store folder shared by every run and sweep job: the cache and runs/ live here."""
     seed: int
+    """Seed of the teacher, sft, merge, rl and eval stages (in their cache keys); data.seed draws the data."""
     refresh: list[Literal[STAGE_NAMES]]  # type: ignore[valid-type]
+    """Stages to recompute even when cached: any of model, mix, teacher, sft, merge, rl, eval, report."""
 
     @field_validator("name")
     @classmethod
@@ -45,26 +49,41 @@ class RunConfig(Settings):
 
 class RunnerConfig(Settings):
     kind: Literal["threads", "sequential"]
+    """Prefect task runner: threads (a pool of max_workers threads) or sequential (one stage job at a time)."""
     max_workers: int = Field(gt=0)
+    """Stage jobs run at once with kind=threads; on a 2-core CPU 1 is fastest (torch uses both cores)."""
 
 
 class TrackingConfig(Settings):
     enabled: bool
+    """Log the run and its stages to MLflow; false: no tracking."""
     tracking_uri: str | None
+    """MLflow tracking URI (e.g. sqlite:///mlflow.db); null: MLflow's own default URI."""
     experiment: str
+    """MLflow experiment the runs are logged under (created if missing)."""
 
 
 class PipelineConfig(Settings):
     run: RunConfig
+    """The run's name, artifact store, seed and the stages to refresh."""
     data: DataConfig
+    """Data (mix) stage: reasoning-gym domains (the branches), split sizes, shots, clustering, mixture weights."""
     student: ModelConfig
+    """The student model: the base of every branch SFT and of the merge."""
     teacher: TeacherConfig
+    """The teacher: its model, where it generates, and the rejection sampling of its responses."""
     sft: SFTConfig
+    """Branch SFT of the student on each domain's teacher data (and the mixed-data baseline)."""
     merge: MergeConfig
+    """Merge of the branch students onto the student: one mergekit method or a mergekit recipe file."""
     rl: RLConfig
+    """GRPO on the merged model with the tasks' verifiers as rewards."""
     eval: EvalConfig
+    """Evaluation of base, branches, mixture, merged and rl models on the held-out prompts."""
     runner: RunnerConfig
+    """Prefect task runner for the stage jobs."""
     tracking: TrackingConfig
+    """MLflow tracking of the run and its stages."""
 
     @model_validator(mode="after")
     def _sections_fit_together(self) -> "PipelineConfig":

@@ -7,4 +7,5 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # use_attribute_docstrings: the string under each field is its description (Prefect UI form, --help).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)

@@ -23,8 +23,11 @@ class TaskSpec(Settings):
     """One reasoning-gym dataset in a domain: `name`, its share `weight`, and `config` = its dataset kwargs."""
 
     name: str
+    """reasoning-gym dataset name (e.g. gcd, products)."""
     weight: float = Field(gt=0)
+    """The task's share of its domain's items, relative to the other tasks' weights."""
     config: dict[str, Any]
+    """The dataset's kwargs (difficulty), checked by reasoning-gym; seed and size are set by the pipeline."""
 
     @field_validator("name")
     @classmethod
@@ -44,12 +47,16 @@ class TaskSpec(Settings):
 
 class DomainConfig(Settings):
     tasks: list[TaskSpec] = Field(min_length=1)
+    """The domain's reasoning-gym tasks (at least one); its items are split over them by weight."""
 
 
 class EmbedConfig(Settings):
     batch_size: int = Field(gt=0)
+    """Training prompts embedded at once (MiniLM-style sentence embeddings)."""
     clusters: int = Field(gt=0)
+    """k of k-means over the training prompts' embeddings (at most the number of prompts)."""
     merge_threshold: float = Field(ge=0)
+    """Merge clusters whose centroids are closer than this (0: no merging)."""
 
 
 class DataConfig(Settings):
@@ -60,14 +67,23 @@ class DataConfig(Settings):
     mixture weights over domains."""
 
     domains: dict[str, DomainConfig] = Field(min_length=1)
+    """The branches: domain name (ASCII letters, digits, '_'; not 'mixture') -> its reasoning-gym tasks."""
     train_size: int = Field(gt=0)
+    """Training prompts per domain: the teacher samples on them, RL trains on them."""
     dev_size: int = Field(ge=0)
+    """Prompts per domain for tuning (mixture and merge searches, checkpoint choice); never in the report."""
     eval_size: int = Field(gt=0)
+    """Held-out prompts per domain, only for the final report."""
     seed: int
+    """Seed of the drawn prompts, the train/dev/held-out split, the shots and the clustering."""
     shots: int = Field(ge=0)
+    """Worked examples per task, given as previous chat turns before each question."""
     embed: EmbedConfig
+    """Clustering of the training prompts (sentence embeddings, then k-means)."""
     weights: Literal["uniform", "proportional"]
+    """Mixture weights over domains: uniform, or proportional (share of question text ** temperature)."""
     temperature: float = Field(gt=0)
+    """Exponent on the domains' shares with weights=proportional (1: plain share; 0.5: CLIMB's prior)."""
 
     @field_validator("domains")
     @classmethod

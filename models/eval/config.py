@@ -19,11 +19,17 @@ class EvalConfig(GenerationBackend):
     folder, and a name containing `{item}` (base, branch/gcd, merged, ...) names one served model per item."""
 
     max_new_tokens: int = Field(gt=0)
+    """Most tokens generated per answer."""
     batch_size: int = Field(gt=0)
+    """Rows decoded at once (hf backend)."""
     dtype: Dtype
+    """Dtype the evaluated weights are loaded in (hf, vllm): float32, bfloat16 or float16."""
     n: int = Field(ge=0)
+    """Samples per prompt for pass@n and maj@n; 0: greedy pass@1 only."""
     temperature: float = Field(gt=0)
+    """Sampling temperature of the n samples (greedy pass@1 is unaffected)."""
     top_p: float = Field(gt=0, le=1)
+    """Nucleus top_p of the n samples, in (0, 1]."""
 
     def key(self) -> dict[str, Any]:
         """The settings that shape the generations (the cache key's part): all but where the server is."""

@@ -45,8 +45,11 @@ class ModelConfig(Settings):
     path) or a tiny random Llama with a real tokenizer (tiny: seed, tokenizer, config); stored in `dtype`."""
 
     name: str
+    """Artifact folder name (model/<name>): letters, digits, '.', '_' and '-'."""
     source: dict[str, Any]
+    """Where the weights come from: `kind` gguf_package, gguf_parts, hf or tiny, plus that kind's fields."""
     dtype: Dtype
+    """Dtype the weights are stored in: float32, bfloat16 or float16."""
 
     @field_validator("name")
     @classmethod
@@ -74,12 +77,19 @@ class OpenAIConfig(Settings):
     tries. Only `model` enters the cache key: the same model served elsewhere gives the same artifact."""
 
     base_url: str | None
+    """Server URL, http(s), e.g. http://127.0.0.1:8000/v1; required with backend=openai."""
     model: str | None
+    """Served model id (the cache key's part); null: the model artifact's folder path."""
     api_key_env: str | None
+    """Environment variable holding the API key (read when the stage runs, never logged); null: no key."""
     concurrency: int = Field(gt=0)
+    """Most requests in flight at once."""
     timeout_s: float = Field(gt=0)
+    """Seconds each request may take."""
     retries: int = Field(ge=0)
+    """Retries of a failed request (0: none)."""
     backoff_s: float = Field(ge=0)
+    """Seconds before the first retry; the wait doubles each try (backoff_s, 2 backoff_s, ...)."""
 
     @field_validator("base_url")
     @classmethod
@@ -94,7 +104,9 @@ class VLLMConfig(Settings):
     weights and KV cache, `max_model_len` tokens per sequence (null: the model's own limit)."""
 
     gpu_memory_utilization: float = Field(gt=0, le=1)
+    """Fraction of GPU memory vLLM takes for weights and KV cache, in (0, 1]."""
     max_model_len: int | None = Field(gt=0)
+    """Tokens per sequence (prompt and completion); null: the model's own limit."""
 
 
 class GenerationBackend(Settings):
@@ -102,8 +114,11 @@ class GenerationBackend(Settings):
     server, settings in `openai`) or vllm (settings in `vllm`). models/lm/backends.py runs them."""
 
     backend: Backend
+    """Where generation runs: hf (our engine, in this process), openai (a server: openai.*) or vllm (vllm.*)."""
     openai: OpenAIConfig
+    """OpenAI-compatible server settings, used when backend=openai."""
     vllm: VLLMConfig
+    """vLLM offline engine settings, used when backend=vllm."""
 
     def check_backend(self, section: str) -> None:
         """ValueError naming `<section>.<field>` for a backend that cannot run as configured: checked before
@@ -135,13 +150,21 @@ class TeacherConfig(GenerationBackend):
     answer; all: every response)."""
 
     model: ModelConfig
+    """The teacher model; with backend=openai and openai.model set, the server's own model answers instead."""
     n: int = Field(gt=0)
+    """Samples per training prompt (best-of-n)."""
     temperature: float = Field(ge=0)
+    """Sampling temperature (0: greedy)."""
     top_p: float = Field(gt=0, le=1)
+    """Nucleus sampling: the smallest token set with this probability mass, in (0, 1]."""
     max_new_tokens: int = Field(gt=0)
+    """Most tokens generated per response."""
     batch_size: int = Field(gt=0)
+    """Rows decoded at once (hf backend)."""
     keep_per_prompt: int = Field(gt=0)
+    """Most distinct responses kept per prompt (after dedupe); at most n."""
     keep: Literal["verified", "well_formed", "all"]
+    """Responses kept: verified (the task's score_answer accepts), well_formed (an extracted answer) or all."""
 
     def uses_local_model(self) -> bool:
         """Whether the teacher generates from the model/teacher artifact (hf, vllm, or a server asked for that

@@ -235,10 +235,15 @@ class MergeConfig(Settings):
     carry their own dtypes). The student is the base model."""
 
     method: str | None
+    """mergekit merge method over every branch (linear, ties, dare_ties, ...); null when recipe is set."""
     parameters: dict[str, Any]
+    """mergekit parameters: per-model ones (weight, density, ...) go to every branch, the rest are global."""
     dtype: Literal["float32", "bfloat16", "float16"]
+    """Compute dtype of a method merge (a recipe's documents carry their own)."""
     out_dtype: Literal["float32", "bfloat16", "float16"]
+    """Dtype of the merged weights of a method merge (a recipe's documents carry their own)."""
     recipe: str | None
+    """mergekit or mergekit-multimerge YAML file (relative: working dir, else repo root); null: use method."""
 
     @field_validator("method")
     @classmethod

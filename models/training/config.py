@@ -21,9 +21,13 @@ class LoraConfig(Settings):
     (every linear layer but the LM head) or module names (a list: suffix match; a string: a full-name regex)."""
 
     r: int = Field(gt=0)
+    """LoRA rank."""
     alpha: float = Field(gt=0)
+    """LoRA scale numerator: the adapter output is scaled by alpha / r."""
     dropout: float = Field(ge=0, lt=1)
+    """Dropout on the adapter input, in [0, 1)."""
     target_modules: str | list[str] = Field(min_length=1)
+    """'all-linear' (every linear layer but the LM head), a list of name suffixes, or a full-name regex."""
 
 
 class SFTConfig(Settings):
@@ -47,30 +51,55 @@ class SFTConfig(Settings):
     """
 
     lr: float = Field(gt=0)
+    """AdamW peak learning rate."""
     epochs: int = Field(gt=0)
+    """Passes over the branch's data (fewer if max_steps ends first)."""
     max_steps: int = Field(ge=-1)
+    """Most optimizer steps; -1: no limit (all epochs)."""
     batch_size: int = Field(gt=0)
+    """Rows per micro-batch (packed rows when packing)."""
     grad_accum: int = Field(gt=0)
+    """Micro-batches per optimizer step."""
     max_length: int = Field(gt=8)
+    """Tokens per example (longer ones are cut) and per packed row."""
     packing: bool
+    """Pack examples whole into rows of max_length tokens (batch_size counts rows); not with loss=poft."""
     loss_impl: Literal["plain", "chunked"]
+    """plain (full logits) or chunked (only target positions projected, no [tokens, vocab] logits)."""
     warmup_ratio: float = Field(ge=0, lt=1)
+    """Fraction of the steps spent on learning-rate warmup, in [0, 1)."""
     weight_decay: float = Field(ge=0)
+    """AdamW weight decay, on matrices only."""
     betas: tuple[float, float]
+    """AdamW betas, each in [0, 1)."""
     scheduler: Literal["cosine", "constant_with_warmup"]
+    """Learning-rate schedule after warmup: cosine (to 0) or constant_with_warmup."""
     precision: Precision
+    """32-true (float32) or bf16-mixed (bf16 autocast, float32 master weights)."""
     save_dtype: Dtype
+    """Dtype of the saved weights (small SFT deltas vanish in bf16; merges need them)."""
     finetune: Literal["full", "lora"]
+    """full (every weight) or lora (peft adapters per `lora`, merged into the saved model)."""
     lora: LoraConfig
+    """LoRA settings, used when finetune=lora."""
     gradient_checkpointing: bool
+    """Recompute activations in backward: less memory for some more time."""
     checkpoint_every: int = Field(ge=0)
+    """Optimizer steps between resumable checkpoints (0: none); a rerun resumes from the last."""
     loss: Literal["nll", "poft"]
+    """nll, or poft: -log sigmoid(r_model - r_reference), r = the target's log-likelihood."""
     poft_reference: Literal["base", "teacher"]
+    """PoFT's reference model: base (the student before SFT) or teacher (the local teacher model)."""
     poft_length_normalize: bool
+    """PoFT's r per target token (true) or summed over the target (false)."""
     recipe: Literal["single", "dmt", "curriculum"]
+    """Data stages (models/training/recipes.py): single, dmt or curriculum."""
     dmt_k: float = Field(ge=0, le=1)
+    """dmt: fraction of the branch's own data replayed in stage 2 with the other domains' data."""
     hard_fraction: float = Field(gt=0, le=1)
+    """curriculum: stage 2 trains on this fraction of examples the teacher solved least often."""
     mixture: bool
+    """Also train the mixed-data baseline: one SFT on the union of the branches' data, same budget."""
 
     @field_validator("max_steps")
     @classmethod
@@ -105,22 +134,39 @@ class RLConfig(Settings):
     """
 
     enabled: bool
+    """Run the RL stage (and evaluate its model)."""
     steps: int = Field(gt=0)
+    """GRPO steps (one optimizer step each)."""
     prompts_per_step: int = Field(gt=0)
+    """Training prompts sampled per step; at most train_size x number of domains."""
     num_generations: int = Field(ge=2)
+    """Completions per prompt (the group of group-relative advantages), at least 2."""
     lr: float = Field(gt=0)
+    """AdamW learning rate."""
     beta: float = Field(ge=0)
+    """Weight of the k3 KL to the merged model (0: no reference model)."""
     epsilon: float = Field(gt=0)
+    """Lower clip of the policy ratio: 1 - epsilon."""
     epsilon_high: float = Field(gt=0)
+    """Upper clip of the policy ratio: 1 + epsilon_high; at least epsilon (DAPO uses 0.28)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+    """How token losses are aggregated, as in TRL: grpo, bnpo, dr_grpo or dapo."""
     scale_rewards: Literal["group", "batch", "none"]
+    """Divide advantages by the reward std of the group, of the batch, or none."""
     max_new_tokens: int = Field(gt=0)
+    """Most tokens per completion."""
     temperature: float = Field(gt=0)
+    """Sampling temperature of the completions (log-probs are taken at it too)."""
     top_p: float = Field(gt=0, le=1)
+    """Nucleus top_p of the sampling, in (0, 1]."""
     weight_decay: float = Field(ge=0)
+    """AdamW weight decay."""
     logprob_impl: Literal["plain", "chunked"]
+    """plain, or chunked (log-probs and entropy without [B, K, V] logits; fused Triton kernel on CUDA)."""
     precision: Precision
+    """32-true (float32) or bf16-mixed (bf16 autocast, float32 master weights)."""
     save_dtype: Dtype
+    """Dtype of the saved weights: float32, bfloat16 or float16."""
 
     @model_validator(mode="after")
     def _asymmetric_clip(self) -> "RLConfig":
