@@ -68,3 +68,46 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"cannot compose config with overrides {list(overrides)}: {err}") from None
     return validate(to_dict(cfg, overrides))
+
+
+def hydra_value(value: Any) -> str:
+    """A value in Hydra's override grammar (`key=<this>`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return "[" + ",".join(hydra_value(v) for v in value) + "]"
+
+
+def as_overrides(base: dict[str, Any], target: dict[str, Any], prefix: str = "") -> list[str]:
+    """Hydra overrides that turn config `base` into `target`: a changed value `key=v`, a new key `++key=v`, a
+    removed one `~key`."""
+    out = []
+    for key, value in target.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            out.append(f"++{path}={hydra_value(value)}")
+        elif isinstance(value, dict) and isinstance(base[key], dict):
+            out += as_overrides(base[key], value, path + ".")
+        elif value != base[key]:
+            out.append(f"{path}={hydra_value(value)}")
+    return out + [f"~{prefix}{key}" for key in base if key not in target]
+
+
+def resolve(config: PipelineConfig | None, overrides: Sequence[str], default: PipelineConfig) -> PipelineConfig:
+    """The config a flow run runs: `overrides` applied on top of `config`.
+
+    From the CLI, `config` is what Hydra composed from these very overrides: used as it is. From the Prefect form,
+    `config` is the conf/ default (`default`) as the user edited it: the edits become overrides placed before
+    the given ones, so a group override (`experiment=tiny`) and the form's values combine and a key named in
+    both takes the override's value, as on the command line."""
+    composed = compose(list(overrides))
+    if config is None or config == composed:
+        return composed
+    return compose([*as_overrides(default.model_dump(mode="json"), config.model_dump(mode="json")), *overrides])

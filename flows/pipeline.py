@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.context import TaskRunContext  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.config import compose  # noqa: E402
+from flows.config import compose, resolve  # noqa: E402
 from flows.schema import PipelineConfig  # noqa: E402
 from flows.tracking import Tracker  # noqa: E402
 from tasks.common import Job, execute, write_json  # noqa: E402
@@ -127,11 +127,22 @@ def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=1 if cfg.runner.kind == "sequential" else cfg.runner.max_workers)
 
 
+# conf/ composed once: the flow's `config` parameter defaults to it, so the Prefect form shows every key with its
+# value (and its description, from the schema)
+DEFAULT_CONFIG = compose([])
+
+
 @flow(name="branchmerge", log_prints=True, persist_result=False)
-def branchmerge(config: PipelineConfig | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run the whole loop. From the CLI `config` comes composed by Hydra; from a deployment or the UI, pass
-    Hydra `overrides` (e.g. ["experiment=tiny", "merge.method=ties"]) and the flow composes conf/ itself."""
-    cfg = config if config is not None else compose(overrides or [])
+def branchmerge(config: PipelineConfig | None = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the whole loop: mix -> teacher -> sft per branch -> merge -> rl -> eval -> report.
+
+    Args:
+        config: The pipeline's settings (conf/ composed; every key described in the form). Edit values here,
+            or leave it and give overrides.
+        overrides: Hydra overrides applied on top of config, as on the command line, e.g. experiment=tiny,
+            merge.method=ties, data.seed=${today:}.
+    """
+    cfg = resolve(config, overrides or [], DEFAULT_CONFIG)
     started = time.perf_counter()
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
     tracker.start(cfg.run.name, cfg.model_dump(), {"overrides": " ".join(overrides or [])})

@@ -165,3 +165,23 @@ def test_nightly_data_seed_is_the_date_of_each_run():
     assert "data.seed=${today:}" in list(deploy.overrides)
     today = int(date.today().strftime("%Y%m%d"))
     assert compose(["experiment=tiny", "data.seed=${today:}"]).data.seed == today
+
+
+def test_form_edits_and_overrides_combine_as_on_the_command_line():
+    """The flow's `config` (the form, prefilled with conf/) and `overrides` together: the form's edits apply over
+    a group override, a key named in both takes the override's value; the CLI's composed config is kept."""
+    from flows.config import as_overrides, compose, resolve
+
+    default = compose([])
+    edited = default.model_copy(deep=True)
+    edited.teacher.n, edited.merge.parameters, edited.run.name = 3, {"weight": 0.5}, "mine-1"
+    assert as_overrides(default.model_dump(mode="json"), edited.model_dump(mode="json")) == [
+        "run.name='mine-1'", "teacher.n=3", "merge.parameters.weight=0.5", "~merge.parameters.normalize"]
+    cfg = resolve(edited, ["experiment=tiny", "merge.method=ties"], default)
+    assert (cfg.student.name, cfg.teacher.n, cfg.merge.method, cfg.merge.parameters, cfg.run.name) == (
+        "tiny-llama", 3, "ties", {"weight": 0.5}, "mine-1")
+    assert resolve(edited, ["teacher.n=2"], default).teacher.n == 2
+    assert resolve(default, ["experiment=tiny"], default) == compose(["experiment=tiny"])
+    assert resolve(None, ["merge.method=ties"], default).merge.method == "ties"
+    with pytest.raises(ConfigError, match="merge.method='foo'"):
+        resolve(default, ["merge.method=foo"], default)

@@ -176,6 +176,18 @@ def test_deployment_registers_nightly_schedule(prefect_server):
     # The UI form: the flow's parameters are typed by the pydantic schema.
     schema = dep["parameter_openapi_schema"]
     assert "config" in schema["properties"] and "PipelineConfig" in json.dumps(schema)
+    # ... with conf/'s value and a description for every key, and choices as selects
+    from flows.config import compose
+
+    default = schema["properties"]["config"]["default"]
+    assert default == json.loads(compose([]).model_dump_json())
+    defs = schema["definitions"]
+    undescribed = [(name, key) for name, d in defs.items() for key, p in d.get("properties", {}).items()
+                   if not p.get("description")]
+    assert not undescribed and len(defs) >= 10
+    assert "ties" in defs["MergeConfig"]["properties"]["method"]["enum"]
+    assert defs["TeacherConfig"]["properties"]["backend"]["enum"] == ["hf", "openai", "vllm"]
+    assert "on top of config" in schema["properties"]["overrides"]["description"]
 
     bad = subprocess.run([PY, "-m", "flows.deploy", "serve=false", "cron=not a cron"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=180)

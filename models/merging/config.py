@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from models.settings import Settings
 
@@ -228,13 +228,21 @@ MERGE_METHODS = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear
                  "sce", "slerp", "task_arithmetic", "ties")
 
 
+def _method_names() -> list[str]:
+    from .registry import method_names
+
+    return method_names()
+
+
 class MergeConfig(Settings):
     """The merge stage (`merge:` in conf/merge/): either one `method` over every branch, with mergekit's
     `parameters` (per-model ones such as weight/density go to every branch, the rest are global), compute `dtype`
     and `out_dtype`; or a mergekit `recipe` file (one mergekit YAML or a mergekit-multimerge file; its documents
     carry their own dtypes). The student is the base model."""
 
-    method: str | None
+    # a select in the Prefect form: the registry's names, read when the schema is generated (the registry
+    # imports torch; validation against it gives the message naming the allowed methods)
+    method: str | None = Field(json_schema_extra=lambda schema: schema.update(enum=[*_method_names(), None]))
     """mergekit merge method over every branch (linear, ties, dare_ties, ...); null when recipe is set."""
     parameters: dict[str, Any]
     """mergekit parameters: per-model ones (weight, density, ...) go to every branch, the rest are global."""
