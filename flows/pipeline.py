@@ -24,6 +24,7 @@ for _var, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGI
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
+from prefect.states import Completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows.config import compose, resolve  # noqa: E402
@@ -66,7 +67,10 @@ def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_u
             logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run.result())
         return build(job, out, logger=logger)
 
-    return execute(job, build_with_logger)
+    ref = execute(job, build_with_logger)
+    # A stage the store reuses shows as Cached whoever runs the flow (CLI, a served deployment, a schedule):
+    # Prefect's own cache hit needs its result storage, which a served run in another process may not share.
+    return Completed(name="Cached", data=ref, message=f"reused {ref.path}") if ref.status == "reused" else ref
 
 
 class Stages:
@@ -127,6 +131,19 @@ def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=1 if cfg.runner.kind == "sequential" else cfg.runner.max_workers)
 
 
+def send_logs_to_prefect() -> None:
+    """The pipeline's own log lines (computing / computed / reused, paths) in the flow run's logs in Prefect, for
+    a run started from the CLI, a served deployment or a schedule alike: PREFECT_LOGGING_EXTRA_LOGGERS (set above)
+    only counts when this module is imported before Prefect sets up logging, which a served run does not do."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("branchmerge")
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    if logger.getEffectiveLevel() > logging.INFO:  # a served run's root logger is at WARNING
+        logger.setLevel(logging.INFO)
+
+
 # conf/ composed once: the flow's `config` parameter defaults to it, so the Prefect form shows every key with its
 # value (and its description, from the schema)
 DEFAULT_CONFIG = compose([])
@@ -143,6 +160,7 @@ def branchmerge(config: PipelineConfig | None = DEFAULT_CONFIG, overrides: list[
             merge.method=ties, data.seed=${today:}.
     """
     cfg = resolve(config, overrides or [], DEFAULT_CONFIG)
+    send_logs_to_prefect()
     started = time.perf_counter()
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
     tracker.start(cfg.run.name, cfg.model_dump(), {"overrides": " ".join(overrides or [])})
@@ -207,5 +225,9 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     if cost := training_cost(cfg, stages.records):
         logger.info("training cost: %s", cost)
     logger.info("summary: %s", summary_path)
+    final = refs["rl"] if "rl" in refs else refs["merge"]
+    from prefect.context import get_run_context
+
     return {"summary": str(summary_path), "overall": overall, "results": results, "table": table,
-            "report": report_ref.path}
+            "report": report_ref.path, "final_model": final.path,
+            "flow_run_id": str(get_run_context().flow_run.id)}

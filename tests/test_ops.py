@@ -64,12 +64,15 @@ def test_hydra_multirun_sweep_shares_upstream(tmp_path):
     ("data.domains={}", "data.domains={}"),  # through the Hydra CLI too: {} empties, it does not merge
 ])
 def test_bad_override_fails_before_compute(tmp_path, override, fragment):
-    store = tmp_path / "store"
-    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", override], cwd=ROOT,
-                          env=env_with(BRANCHMERGE_STORE=store), capture_output=True, text=True, timeout=120)
+    store, cwd = tmp_path / "store", tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.run([PY, "-m", "flows.run", "experiment=tiny", override], cwd=cwd,
+                          env=env_with(BRANCHMERGE_STORE=store, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert fragment in proc.stderr and "Traceback" not in proc.stderr
     assert not store.exists()  # nothing was computed or written
+    assert not list(cwd.iterdir())  # not even Hydra's outputs/<date>/<time> folder
 
 
 def test_dvc_yaml_is_generated_from_the_stage_registry():
@@ -93,36 +96,44 @@ def test_two_identical_runs_started_together_compute_each_artifact_once(tmp_path
         assert first["stages"][stage]["digest"] == second["stages"][stage]["digest"]
 
 
-def test_dvc_repro_tiny(tmp_path):
+def test_dvc_as_the_readme_says(tmp_path):
+    """The README's DVC commands, as written, in a fresh copy of the repo (a new git repo: no `dvc init`, the
+    committed .dvc/ and params.yaml serve; dvc.yaml runs the venv's interpreter, not the `python` on PATH)."""
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", ".git", "artifacts", "outputs", "multirun",
                                                               "dvc", "*.db", "__pycache__", ".pytest_cache"))
+    (repo / ".venv").symlink_to(Path(PY).parent.parent)
+    # PATH without the venv: dvc.yaml must not depend on an activated venv
+    path = ":".join(p for p in os.environ["PATH"].split(":") if not p.startswith(str(Path(PY).parent.parent)))
     env = env_with(BRANCHMERGE_STORE=tmp_path / "store", DVC_NO_ANALYTICS=1, DVC_SITE_CACHE_DIR=tmp_path / "dvc-site",
-                   DVC_GLOBAL_CONFIG_DIR=tmp_path / "dvc-global", PATH=f"{Path(PY).parent}:{os.environ['PATH']}")
+                   DVC_GLOBAL_CONFIG_DIR=tmp_path / "dvc-global", PATH=path, GIT_AUTHOR_NAME="t",
+                   GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    readme = (ROOT / "README.md").read_text()
 
     def sh(*cmd):
+        assert cmd[0] in ("git", "ls") or " ".join(cmd) in readme, f"{' '.join(cmd)!r} is not the README's"
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        return proc.stdout
+        return proc.stdout + proc.stderr
 
     sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
-    sh(PY, "-m", "flows.stage", "params", "experiment=tiny", "tracking=none")
-    out = sh("dvc", "repro")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "clone")
+    assert "mix" in sh(".venv/bin/dvc", "dag")  # works before anything is composed
+    sh(".venv/bin/python", "-m", "flows.stage", "params", "experiment=tiny", "tracking=none")
+    out = sh(".venv/bin/dvc", "repro")
     for stage in ("model@student", "mix", "teacher", "sft", "merge", "rl", "eval", "report"):
         assert f"'{stage}'" in out
     metrics = json.loads((repo / "dvc/metrics.json").read_text())
     assert set(metrics) == {"base", "branch/arithmetic", "branch/gcd", "branch/lcm", "mixture", "merged", "rl"}
     assert (repo / "dvc/merge/model.safetensors").exists() and (repo / "dvc/merge/config.json").exists()
-    again = sh("dvc", "repro")
+    again = sh(".venv/bin/dvc", "repro")
     assert "Data and pipelines are up to date" in again, again
-    # Changing a merge parameter reruns merge and what follows, nothing upstream.
+    # An experiment on a merge parameter keeps the composed experiment (tiny) and reruns merge and what follows
+    out = sh(".venv/bin/dvc", "exp", "run", "-S", "merge.method=task_arithmetic")
+    assert "Running stage 'merge'" in out and "Running stage 'sft" not in out and "'teacher'" not in out, out
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["merge"]["method"] = "ties"
-    params["merge"]["parameters"]["density"] = 0.5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = sh("dvc", "repro")
-    assert "Running stage 'merge'" in out and "Running stage 'sft'" not in out
+    assert params["student"]["name"] == "tiny-llama" and params["merge"]["method"] == "task_arithmetic"
 
 
 def free_port() -> int:
@@ -224,10 +235,45 @@ def test_a_served_schedule_fires_and_its_run_completes(prefect_server, tmp_path)
             if any(r["state_type"] == "COMPLETED" for r in runs):
                 break
             assert not any(r["state_type"] in ("FAILED", "CRASHED") for r in runs), runs
-        done = [r for r in runs if r["state_type"] == "COMPLETED"]
+        done = sorted((r for r in runs if r["state_type"] == "COMPLETED"), key=lambda r: r["expected_start_time"])
         assert done, f"no scheduled run completed within 7 minutes: {[(r['name'], r['state_type']) for r in runs]}"
         assert done[0]["auto_scheduled"] is True and done[0]["parameters"]["overrides"][0] == "experiment=tiny"
         assert summaries(tmp_path)  # the run wrote its summary into the store it was given
+
+        def logs(run, fragment):
+            """The run's log lines, once as many contain `fragment` as the run has task runs (logs arrive in
+            batches, possibly after the run's final state)."""
+            for _ in range(30):
+                lines = [r["message"] for r in httpx.post(f"{url}/logs/filter", timeout=10, json={
+                    "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()]
+                if sum(m.count(fragment) for m in lines if "computed in" in m or " reused " in m) >= len(
+                        task_states(run)):
+                    break
+                time.sleep(1)
+            return lines
+
+        def task_states(run):
+            return {r["name"]: r["state_name"] for r in httpx.post(f"{url}/task_runs/filter", timeout=10, json={
+                "flow_runs": {"id": {"any_": [run["id"]]}}}).json()}
+
+        # the pipeline's own lines reach the API from a served run
+        # (runs due every minute overlap: a later one reuses what an earlier one built, and shows it Cached)
+        first, states = logs(done[0], ": "), task_states(done[0])
+        assert len(states) >= 10 and set(states.values()) <= {"Completed", "Cached"}
+        assert sum("computed in" in m for m in first) == list(states.values()).count("Completed"), first
+        assert sum(" reused " in m for m in first) == list(states.values()).count("Cached"), first
+        # a second run of the deployment, started through the API: every stage reused, shown as Cached
+        again = httpx.post(f"{url}/deployments/{done[0]['deployment_id']}/create_flow_run", json={},
+                           timeout=10).json()
+        while time.time() < deadline + 300:
+            again = httpx.get(f"{url}/flow_runs/{again['id']}", timeout=10).json()
+            if again["state_type"] in ("COMPLETED", "FAILED", "CRASHED"):
+                break
+            time.sleep(3)
+        assert again["state_type"] == "COMPLETED"
+        states = task_states(again)
+        assert len(states) >= 10 and set(states.values()) == {"Cached"}, states
+        assert sum(" reused " in m for m in logs(again, " reused ")) == len(states)
     finally:
         os.killpg(served.pid, signal.SIGTERM)
         served.wait(60)
