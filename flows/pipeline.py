@@ -96,6 +96,8 @@ class Stages:
         ref: ArtifactRef = future.result()
         if future.state.name == "Cached":
             ref = ref.model_copy(update={"status": "reused"})
+            if not (future.state.message or "").startswith("reused"):  # Prefect's cache: the task did not run
+                log.info("%s: reused %s", job.stage, ref.path)
         ref = ref.model_copy(update={"seconds": time.perf_counter() - t0 if ref.status == "reused" else ref.seconds})
         if job.stage not in self.records:
             self.tracker.finish_stage(run_id, ref)
