@@ -1,12 +1,13 @@
 """Our generation engine (models/lm/generation.py) vs transformers' `model.generate`, same run, same prompts.
 
-    .venv/bin/python bench/generation.py [--prompts 120] [--batch-size 16] [--dtype bfloat16] [--max-new-tokens 48]
+    .venv/bin/python bench/generation.py [--prompts 120] [--batch-size B] [--dtype bfloat16] [--max-new-tokens 48]
                                           [--continuous]
 
 Two workloads on the default experiment's training prompts (SmolLM2-135M-Instruct, the pipeline's one-shot chat
 prompts): the teacher's (n = 4 samples per prompt, temperature 0.8, top-p 0.95) and the evaluation's (greedy).
 Both sides get the same prompts, dtype, max new tokens and batch size (rows decoded at once; `generate` gets
-batch_size / n prompts per call with num_return_sequences = n, prompts in the same sorted order). Tokens count what
+batch_size / n prompts per call with num_return_sequences = n, prompts in the same sorted order): by default each
+workload at the batch its stage is configured with (teacher.batch_size, eval.batch_size), --batch-size for both. Tokens count what
 each completion generated up to and including its stop token. --continuous adds transformers' own continuous
 batching (`generate_batch`, paged attention: what `transformers serve --continuous-batching` runs), greedy only.
 Prints tokens/s and the ratio ours / generate.
@@ -98,7 +99,9 @@ def cut(ids: list[int], stops: list[int]) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=16, help="rows decoded at once (conf: teacher/eval.batch_size)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="rows decoded at once for both workloads (default: each workload at its stage's "
+                         "configured batch, teacher.batch_size and eval.batch_size of the default experiment)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--continuous", action="store_true", help="also transformers' generate_batch (greedy)")
@@ -107,24 +110,29 @@ def main() -> None:
     from models.lm.generation import generate_ids, prompt_ids
     from models.lm.hf import load_model, load_tokenizer
 
+    from flows.config import compose
+
     folder = model_folder(args.dtype)
     model, tok = load_model(folder, args.dtype), load_tokenizer(folder)
     prompts = prompt_ids(tok, conversations(args.prompts))
+    conf = compose(["experiment=smollm2_cpu"])
+    batch = {"teacher": args.batch_size or conf.teacher.batch_size, "eval": args.batch_size or conf.eval.batch_size}
     print(f"{len(prompts)} prompts (mean {sum(map(len, prompts)) / len(prompts):.0f} tokens), {args.dtype}, batch "
-          f"{args.batch_size}, max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads", flush=True)
-    workloads = {"teacher (n=4, T=0.8, top-p 0.95)": (4, 0.8, 0.95), "eval (greedy)": (1, 0.0, 1.0)}
-    print(f"{'workload':34} {'engine':16} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'vs generate':>12}")
-    for name, (n, temperature, top_p) in workloads.items():
+          f"{batch['teacher']} (teacher) / {batch['eval']} (eval) rows on both sides, max {args.max_new_tokens} new "
+          f"tokens, {torch.get_num_threads()} threads", flush=True)
+    workloads = {"teacher (n=4, T=0.8, top-p 0.95)": ("teacher", 4, 0.8, 0.95), "eval (greedy)": ("eval", 1, 0.0, 1.0)}
+    print(f"{'workload':34} {'batch':>5} {'engine':16} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'vs generate':>12}")
+    for name, (stage, n, temperature, top_p) in workloads.items():
+        rows = batch[stage]
         runs = {
             "model.generate": lambda: with_hf_generate(model, tok, prompts, n, temperature, top_p,
-                                                       args.max_new_tokens, args.batch_size),
+                                                       args.max_new_tokens, rows),
             "ours": lambda: generate_ids(model, tok, prompts, n=n, temperature=temperature, top_p=top_p,
-                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0,
+                                         max_new_tokens=args.max_new_tokens, batch_size=rows, seed=0,
                                          progress=False),
         }
         if args.continuous and temperature == 0:
-            runs["generate_batch"] = lambda: with_generate_batch(model, tok, prompts, args.max_new_tokens,
-                                                                 args.batch_size)
+            runs["generate_batch"] = lambda: with_generate_batch(model, tok, prompts, args.max_new_tokens, rows)
         rates = {}
         for engine, run in runs.items():
             start = time.perf_counter()
@@ -133,7 +141,8 @@ def main() -> None:
             tokens = sum(len(c) for per_prompt in out for c in per_prompt[: n if temperature > 0 else 1])
             rates[engine] = tokens / seconds
             ratio = rates[engine] / rates["model.generate"]
-            print(f"{name:34} {engine:16} {tokens:7d} {seconds:8.1f} {rates[engine]:9.1f} {ratio:11.2f}x", flush=True)
+            print(f"{name:34} {rows:5d} {engine:16} {tokens:7d} {seconds:8.1f} {rates[engine]:9.1f} {ratio:11.2f}x",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ class Stages:
         ref: ArtifactRef = future.result()
         if future.state.name == "Cached":
             ref = ref.model_copy(update={"status": "reused"})
-            if not (future.state.message or "").startswith("reused"):  # Prefect's cache: the task did not run
-                log.info("%s: reused %s", job.stage, ref.path)
         ref = ref.model_copy(update={"seconds": time.perf_counter() - t0 if ref.status == "reused" else ref.seconds})
         if job.stage not in self.records:
+            if future.state.name == "Cached" and not (future.state.message or "").startswith("reused"):
+                log.info("%s: reused %s", job.stage, ref.path)  # Prefect's own cache hit: the task did not run
             self.tracker.finish_stage(run_id, ref)
             self.records[job.stage] = {"status": ref.status, "path": ref.path, "digest": ref.digest,
                                        "key": ref.key, "seconds": round(ref.seconds, 3),
