@@ -29,7 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows.config import compose, resolve  # noqa: E402
 from flows.schema import PipelineConfig  # noqa: E402
-from flows.tracking import Tracker  # noqa: E402
+from flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
 from tasks.common import Job, execute, write_json  # noqa: E402
 from tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
 from tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
@@ -85,7 +85,10 @@ class Stages:
         slot = (job.stage, job.key)
         if slot in self.pending:  # e.g. teacher model == student model: one artifact, one task run
             return
-        run_id = self.tracker.stage_run(job.stage, job.config)
+        # an MLflow run for a stage computed here; a reused one is a tag on the parent run (a cached rerun is
+        # one run in MLflow, not one per stage)
+        reused = not job.refresh and Store(job.store).load(job.stage, job.key) is not None
+        run_id = None if reused else self.tracker.stage_run(job.stage, job.config)
         future = self.runner.submit(run_stage.with_options(task_run_name=job.stage),
                                     {"job": job, "stage": stage.name, "mlflow_run": run_id,
                                      "tracking_uri": self.cfg.tracking.tracking_uri})
@@ -214,9 +217,19 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     create_markdown_artifact(key="branchmerge-report", markdown=markdown + f"\n\nsummary: `{summary_path}`\n")
     ci = {f"pass_at_1_ci_{end}.{name}": bounds["overall"][i] for name, bounds in intervals.items()
           for i, end in enumerate(("low", "high"))}
-    tracker.finish({f"pass_at_1.{name}": v for name, v in overall.items()} | ci,
-                   [str(summary_path), str(Path(report_ref.path) / "results.md"),
-                    str(Path(report_ref.path) / "results.png")])
+    final_name = "rl" if "rl" in refs else "merge"
+    model = None
+    if cfg.tracking.registered_model and stages.records[refs[final_name].stage]["status"] == "computed":
+        generations = Path(refs[f"eval/{'rl' if final_name == 'rl' else 'merged'}"].path) / "generations.jsonl"
+        model = FinalModel(name=cfg.tracking.registered_model, path=refs[final_name].path, stage=final_name,
+                           generations=str(generations), eval_set=eval_set_hash(generations))
+    decision = tracker.finish(
+        {f"pass_at_1.{name}": v for name, v in overall.items()} | ci,
+        [str(summary_path), str(Path(report_ref.path) / "results.md"), str(Path(report_ref.path) / "results.png")],
+        tags={f"stage.{stage}": rec["status"] for stage, rec in stages.records.items()},
+        tables={"results.json": [row | {f"{col}_ci_{end}": bounds[i] for col, bounds in intervals[row["model"]].items()
+                                        for i, end in enumerate(("low", "high"))} for row in table_rows(results)]},
+        model=model)
     reused = sum(r["status"] == "reused" for r in stages.records.values())
     logger.info("stages: %d computed, %d reused", len(stages.records) - reused, reused)
     prompts = report_ref.meta["prompts"]
@@ -226,6 +239,8 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
         logger.info("%s - %s: %+.3f [%+.3f, %+.3f], p = %.3f", c["a"], c["b"], c["difference"], *c["ci"], c["p"])
     if cost := training_cost(cfg, stages.records):
         logger.info("training cost: %s", cost)
+    if decision:
+        logger.info("mlflow model %s", decision)
     logger.info("summary: %s", summary_path)
     final = refs["rl"] if "rl" in refs else refs["merge"]
     from prefect.context import get_run_context

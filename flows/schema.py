@@ -61,6 +61,8 @@ class TrackingConfig(Settings):
     """MLflow tracking URI (e.g. sqlite:///mlflow.db); null: MLflow's own default URI."""
     experiment: str
     """MLflow experiment the runs are logged under (created if missing)."""
+    registered_model: str | None
+    """Registered model the final model is logged to as a new version (alias champion if it wins); null: none."""
 
 
 class PipelineConfig(Settings):

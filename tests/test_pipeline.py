@@ -3,6 +3,8 @@
 Every assertion reads the run summary or the artifacts, never timings.
 """
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,9 +96,20 @@ def test_merged_model_equals_linear_formula(first):
 
 
 def test_cached_rerun_recomputes_nothing(store, first):
+    from mlflow.tracking import MlflowClient
+
     again = run(store)
     assert set(statuses(again).values()) == {"reused"}
     assert {s: r["digest"] for s, r in again["stages"].items()} == {s: r["digest"] for s, r in first["stages"].items()}
+    # in MLflow: one parent run with its stages marked reused, no stage runs, no new model version
+    client = MlflowClient()
+    parent = client.get_run(again["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert not children
+    assert {k.removeprefix("stage."): v for k, v in parent.data.tags.items() if k.startswith("stage.")} == \
+        statuses(again)
+    assert "champion_decision" not in parent.data.tags
 
 
 def test_merge_method_change_reruns_only_downstream(store, first):
@@ -146,6 +159,25 @@ def test_mlflow_parent_and_nested_runs(first):
     sft_run = next(c for c in children if c.info.run_name == "sft/gcd")
     assert "train/loss" in sft_run.data.metrics  # Lightning logged through MLflow
     assert parent.data.metrics["pass_at_1.merged"] == pytest.approx(first["overall"]["merged"])
+    # named by run.name and time, tagged with the commit and the overrides
+    assert re.fullmatch(r"tiny-\d{8}-\d{6}", parent.info.run_name)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert parent.data.tags.get("mlflow.source.git.commit") == (head.stdout.strip() or None)
+    assert parent.data.tags["overrides"].startswith("experiment=tiny run.store=")
+    # the results as an MLflow table, with intervals
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json")).read_text())
+    assert table["data"] and "overall_ci_low" in table["columns"] and "model" in table["columns"]
+    # the final model: logged as a transformers model, registered, champion (the first one)
+    import mlflow
+
+    champion = client.get_model_version_by_alias("branchmerge-tiny", "champion")
+    assert champion.run_id == parent.info.run_id and parent.data.tags["champion_decision"].endswith("(no champion yet)")
+    loaded = mlflow.transformers.load_model(f"models:/branchmerge-tiny@champion", return_type="components")
+    assert loaded["model"].config.num_hidden_layers == 2
+    # later versions (other merge methods of the same random model: pass@1 0 everywhere) did not beat it
+    others = [v for v in client.search_model_versions("name = 'branchmerge-tiny'") if v.version != champion.version]
+    assert all(v.tags["champion_decision"].startswith("does not beat the champion") for v in others)
+
 
 
 def test_results_notebook_reads_mlflow(first, tmp_path):

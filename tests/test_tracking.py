@@ -57,3 +57,20 @@ def test_a_failed_flow_ends_its_open_stage_runs(tmp_path):
     runs = {r.info.run_name: r.info.status
             for r in client.search_runs([client.get_experiment_by_name("failed").experiment_id])}
     assert runs == {"broken": "FAILED", "mix": "FINISHED", "sft/gcd": "FAILED"}
+
+
+def test_champion_moves_only_on_a_significant_paired_win():
+    from flows.tracking import champion_decision
+
+    def rows(scores):
+        return [{"id": f"q{i}", "domain": "d", "score": s, "answer": "1", "num_tokens": 3} for i, s in enumerate(scores)]
+
+    base = rows([1] * 30 + [0] * 70)
+    assert champion_decision(base, None, None, "A") == (True, "no champion yet")
+    better = rows([1] * 60 + [0] * 40)  # +0.30 on the same 100 prompts
+    moved, why = champion_decision(better, base, "A", "A")
+    assert moved and why.startswith("beats the champion: pass@1 +0.300")
+    slightly = rows([1] * 32 + [0] * 68)  # +0.02: inside the noise
+    assert champion_decision(slightly, base, "A", "A")[0] is False
+    assert champion_decision(better, base, "A", "B") == (
+        False, "champion kept: it was evaluated on other held-out prompts (no paired comparison)")
