@@ -28,6 +28,8 @@ from typing import Any
 from tasks.store import ArtifactRef
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow logs to its own stream handler, past our terminal filter: "Creating initial MLflow database tables..."
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 _WRITERS: dict[tuple[str | None, str], tuple[ThreadPoolExecutor, Future]] = {}
 
