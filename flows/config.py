@@ -111,3 +111,26 @@ def resolve(config: PipelineConfig | None, overrides: Sequence[str], default: Pi
     if config is None or config == composed:
         return composed
     return compose([*as_overrides(default.model_dump(mode="json"), config.model_dump(mode="json")), *overrides])
+
+
+# `branchmerge --help` (conf/config.yaml hydra.help): the keys most runs change, with their schema descriptions
+HELP_KEYS = ("run.name", "run.seed", "run.store", "run.refresh", "data.train_size", "data.eval_size", "data.seed",
+             "teacher.n", "teacher.backend", "sft.lr", "sft.epochs", "sft.finetune", "sft.mixture", "merge.method",
+             "merge.parameters", "rl.enabled", "rl.steps", "eval.n", "eval.backend", "tracking.enabled")
+
+
+def help_keys() -> str:
+    """One line per HELP_KEYS entry: the key, its description and its conf/ default."""
+    default, lines = compose([]), []
+    for key in HELP_KEYS:
+        model, value = type(default), default
+        for part in key.split("."):
+            field, value = model.model_fields[part], getattr(value, part)
+            model = field.annotation
+        shown = value.model_dump() if hasattr(value, "model_dump") else value
+        lines.append(f"  {key:<18} {field.description} [{shown}]")
+    return "\n".join(lines)
+
+
+if not OmegaConf.has_resolver("branchmerge_help_keys"):
+    OmegaConf.register_new_resolver("branchmerge_help_keys", help_keys)

@@ -185,3 +185,18 @@ def test_form_edits_and_overrides_combine_as_on_the_command_line():
     assert resolve(None, ["merge.method=ties"], default).merge.method == "ties"
     with pytest.raises(ConfigError, match="merge.method='foo'"):
         resolve(default, ["merge.method=foo"], default)
+
+
+def test_help_lists_groups_and_the_most_used_keys_with_descriptions(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "flows.run", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert "merge: dare_ties, linear, recipe, task_arithmetic, ties" in out.stdout
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith("merge.method "))
+    assert "mergekit merge method" in line and line.endswith("[linear]")
+    assert "== Config ==" not in out.stdout and len(out.stdout.splitlines()) < 60  # no 169-line dump
+    assert not list(tmp_path.iterdir())  # no outputs/ folder
