@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.code import closure, code_version
-from tasks.registry import STAGES
+from branchmerge.tasks.code import closure, code_version
+from branchmerge.tasks.registry import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE = ("flows", "tasks", "models", "kernels", "conf", "bench")

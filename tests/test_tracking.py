@@ -1,24 +1,30 @@
 """MLflow tracking: no run stays RUNNING after its pipeline process failed, was interrupted or was killed."""
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from flows.tracking import Tracker
+from branchmerge.flows.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 
 KILLED_PIPELINE = textwrap.dedent("""
     import sys, time
-    from flows.tracking import Tracker
+    from branchmerge.flows.tracking import Tracker
     tracker = Tracker(True, sys.argv[1], "killed")
     tracker.start("doomed", {"a": 1}, {})
     tracker.stage_run("sft/gcd", {"lr": 1}).result()
     print("running", flush=True)
     time.sleep(600)
 """)
+
+
+def named(run) -> str:
+    """A run's name without the parent's -YYYYmmdd-HHMMSS suffix."""
+    return re.sub(r"-\d{8}-\d{6}$", "", run.info.run_name)
 
 
 def test_runs_of_a_killed_process_end_killed_at_the_next_start(tmp_path):
@@ -32,12 +38,12 @@ def test_runs_of_a_killed_process_end_killed_at_the_next_start(tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("killed").experiment_id
     orphans = client.search_runs([experiment])
-    assert {r.info.run_name: r.info.status for r in orphans} == {"doomed": "RUNNING", "sft/gcd": "RUNNING"}
+    assert {named(r): r.info.status for r in orphans} == {"doomed": "RUNNING", "sft/gcd": "RUNNING"}
 
     tracker = Tracker(True, uri, "killed")  # the next pipeline run on this host
     tracker.start("next", {}, {})
     tracker.finish({}, [])
-    runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    runs = {named(r): r.info.status for r in client.search_runs([experiment])}
     assert runs == {"doomed": "KILLED", "sft/gcd": "KILLED", "next": "FINISHED"}
 
 
@@ -49,18 +55,18 @@ def test_a_failed_flow_ends_its_open_stage_runs(tmp_path):
     tracker.start("broken", {}, {})
     done = tracker.stage_run("mix", {})
     tracker.stage_run("sft/gcd", {})  # never finished: its stage raised
-    from tasks.store import ArtifactRef
+    from branchmerge.tasks.store import ArtifactRef
 
     tracker.finish_stage(done, ArtifactRef(stage="mix", key="k", path="/p", digest="d"))
     tracker.finish({}, [], status="FAILED")
     client = MlflowClient(uri)
-    runs = {r.info.run_name: r.info.status
+    runs = {named(r): r.info.status
             for r in client.search_runs([client.get_experiment_by_name("failed").experiment_id])}
     assert runs == {"broken": "FAILED", "mix": "FINISHED", "sft/gcd": "FAILED"}
 
 
 def test_champion_moves_only_on_a_significant_paired_win():
-    from flows.tracking import champion_decision
+    from branchmerge.flows.tracking import champion_decision
 
     def rows(scores):
         return [{"id": f"q{i}", "domain": "d", "score": s, "answer": "1", "num_tokens": 3} for i, s in enumerate(scores)]
