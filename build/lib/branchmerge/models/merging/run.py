@@ -1,0 +1,153 @@
+"""run_merge: a mergekit-shaped config (config.py) -> a merged HF folder, streamed tensor by tensor.
+
+Three phases, so a bad config costs nothing:
+1. validate_config (config.py): the config alone (keys, method, parameter names and values, model counts);
+2. plan (plan.py): safetensors headers only (tensor names, shapes, tied embeddings, per-tensor parameters);
+3. merge (here): read each tensor from every model, merge in `dtype`, cast, write it into its place in the
+   shards (their headers come from the plan) in a temp folder that is renamed into place at the end.
+   `workers` tensors are merged at once; peak memory is about one tensor per input model per worker.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, ShardWriter
+from .config import MergeSpec, plain_data, validate_config
+from .methods.base import MergeConfigError
+from .plan import TensorJob, model_scope_trim, output_config, plan
+from .values import tensor_generator
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+MAX_SHARD_SIZE = 5_000_000_000  # mergekit's out_shard_size
+
+
+
+def run_merge(
+    config: Mapping, out_dir: str | os.PathLike, *, seed: int, max_shard_size: int = MAX_SHARD_SIZE,
+    overwrite: bool = False, record: dict | None = None, workers: int = 2,
+) -> dict:
+    """Merge the models of a mergekit-style config into the HF folder `out_dir` (written atomically).
+
+    `seed` drives DARE / DELLA masks: each tensor draws from a generator derived from (seed, tensor
+    name). `record` replaces what merge_config.json records (default: the config and seed). `workers`
+    tensors are merged at once (the output is the same for any number): torch's sort, which the trimming
+    methods spend their time in, runs on one core per tensor, so two in flight use two cores; peak memory
+    grows by one tensor per input model per extra worker.
+    Returns {method, n_tensors, n_shards, seconds}.
+    """
+    start = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers: expected >= 1; got {workers}")
+    spec = validate_config(config)
+    out_dir = Path(out_dir)
+    out_real = out_dir.resolve()
+    for path in [*spec.inputs, spec.tokenizer_source]:  # never replace what is being read, overwrite or not
+        real = Path(path).resolve()
+        if real == out_real or out_real in real.parents:
+            raise MergeConfigError(f"output folder {out_dir} is {'' if real == out_real else 'a parent of '}the "
+                                   f"input {path}: merging into it would destroy it; choose another output folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+    ckpts = [Checkpoint(p) for p in spec.inputs]
+    if not Path(spec.tokenizer_source).is_dir():
+        raise MergeConfigError(f"tokenizer_source: {spec.tokenizer_source!r} is not a folder")
+    jobs = model_scope_trim(spec, ckpts, plan(spec, ckpts))
+    log.info("merge %s: %d tensors from %d models", spec.method.name, len(jobs), len(ckpts))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the merged model unreadable to anyone else (umask applies here)
+    layout = [(job.name, job.out_dtype, ckpts[spec.reference].shape(job.sources[spec.reference])) for job in jobs]
+    writer = None
+    try:
+        writer = ShardWriter(tmp, max_shard_size, layout)  # headers from the plan; tensors stream into place
+        merged = _merged_in_order(spec, ckpts, jobs, seed, workers)
+        for job, tensor in tqdm(zip(jobs, merged), total=len(jobs), desc=f"merge {spec.method.name}", unit="tensor"):
+            writer.add(job.name, tensor)
+        files = writer.finish()
+        (tmp / "config.json").write_text(json.dumps(output_config(spec, ckpts, jobs), indent=2) + "\n")
+        ref = Path(spec.inputs[spec.reference])
+        for src, names in ((ref, ("generation_config.json",)), (Path(spec.tokenizer_source), TOKENIZER_FILES)):
+            for file in names:
+                if (src / file).exists():
+                    shutil.copy(src / file, tmp / file)
+        record = record if record is not None else {"config": plain_data(config), "seed": seed}
+        (tmp / "merge_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"method": spec.method.name, "n_tensors": len(jobs), "n_shards": len(files),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJob], seed: int,
+                     workers: int) -> Iterator[torch.Tensor]:
+    """Each job's output tensor, in job order, with up to `workers` tensors being merged at a time.
+
+    Jobs are submitted ahead while the inputs of the not-yet-written ones fit in `workers` times the largest
+    job's inputs, so one slow tensor (a sort over the embeddings) does not idle the other workers, and memory
+    stays what `workers` jobs of the largest tensor would take.
+    """
+    def job_bytes(job: TensorJob) -> int:
+        return sum(math.prod(ck.shape(src)) for ck, src in zip(ckpts, job.sources)) * spec.dtype.itemsize
+
+    sizes = [job_bytes(job) for job in jobs]
+    budget = workers * max(sizes, default=0)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[tuple[Future, int]] = deque()
+        queued = 0
+        for job, size in zip(jobs, sizes):
+            while pending and queued + size > budget:
+                future, done = pending.popleft()
+                queued -= done
+                yield future.result()
+            pending.append((pool.submit(_merge_tensor, spec, ckpts, job, seed), size))
+            queued += size
+        while pending:
+            yield pending.popleft()[0].result()
+
+
+def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed: int) -> torch.Tensor:
+    if job.params is None:
+        return ckpts[spec.reference].get(job.sources[spec.reference])
+    xs = [ck.get(src).to(spec.dtype) for ck, src in zip(ckpts, job.sources)]
+    base = xs.pop(spec.base) if spec.base is not None else None
+    out = spec.method.fn(base, xs, job.models, job.params, tensor_generator(seed, job.name))
+    expected = ckpts[spec.reference].shape(job.sources[spec.reference])
+    if tuple(out.shape) != expected:
+        raise RuntimeError(
+            f"{spec.method.name} returned shape {list(out.shape)} for {job.name}; expected {list(expected)}"
+        )
+    return out.to(job.out_dtype)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an existing folder is swapped out, then deleted."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,454 @@
+"""GRPO (group relative policy optimisation) with TRL GRPOTrainer semantics, as a Lightning module.
+
+Each step: sample `prompts_per_step` items, generate `num_generations` completions per prompt, score them with
+`reward_fn`, turn rewards into group-relative advantages, take one clipped policy-gradient step (one iteration
+per generation batch, so the importance ratio is 1 and clipping only matters for callers that reuse samples).
+
+Public API:
+    group_advantages(rewards, num_generations, scale_rewards) -> advantages
+    logprobs_from_logits(logits, ids, temperature) -> per-token log-probs (row-chunked)
+    entropy_from_hidden(hidden, weight, bias, temperature) -> per-token entropy without the full logits
+    logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl, entropy)
+        -> (per-token log-probs, per-token entropy or None)
+    selective_logprobs(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl) -> per-token log-probs
+    grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, ...) -> (loss, metrics)
+    GRPOModule(model, tokenizer, reward_fn, build_messages, cfg, *, ref_model, seed, micro_batch_size)
+    train_grpo(cfg, model_dir, items, reward_fn, build_messages, out_dir, *, seed, ...) -> dict
+
+Every setting comes from one RLConfig (models/training/config.py, conf/rl/).
+
+Reward function (TRL signature): reward_fn(prompts=[messages]*, completions=[str]*, completion_ids=[[int]]*,
+**columns) -> list[float | None], one entry per completion (B*G, grouped by prompt); `prompts` are the chat
+messages from build_messages, `completions` the decoded text up to the end-of-turn token, `columns` every field
+of the items (repeated per completion). None = "no opinion": left out of the group baseline, advantage 0.
+
+Log-probs (logprob_impl): "plain" runs the model's lm_head and keeps the [B, K, V] logits of the completion
+tokens; "chunked" takes the decoder's hidden states and the lm_head weight to kernels.linear_ce's
+chunked_linear_logprobs (custom backward, fused Triton kernel on CUDA) and the entropy metric in token chunks,
+so no [B, K, V] tensor exists. float32: the same numbers up to float rounding. bf16-mixed: they differ by bf16
+rounding of the logits (the CPU reference rounds each chunk's logits to bf16 as the lm_head does, the Triton
+kernel keeps them in float32); the entropy metric is computed as the plain path's on both.
+
+Not here yet: dynamic sampling, overlong shaping, truncated-completion masking, GSPO sequence-level ratios,
+num_iterations > 1, SASR (these compose around grpo_loss / group_advantages).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from branchmerge.kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
+from branchmerge.models.lm.chat import stop_token_ids
+from branchmerge.models.lm.generation import generate_ids, left_padded, prompt_ids
+from branchmerge.models.lm.hf import save_model_folder
+from branchmerge.models.training import DivergedError
+from branchmerge.models.training.config import RLConfig
+from branchmerge.models.training.toolkit import (
+    check_finite_weights,
+    guard_loss,
+    load_for_training,
+    make_optimizer,
+    make_trainer,
+    quiet_warnings,
+)
+
+# Config keys of heads that post-process h W^T (softcap, scale): the chunked path would silently drop that step.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+ADAM_BETAS = (0.9, 0.999)  # HF TrainingArguments defaults, which TRL's GRPO uses
+STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- math
+
+
+def _nan_std(x: torch.Tensor, valid: torch.Tensor, dim=None) -> torch.Tensor:
+    """Unbiased std (torch.std's default, as TRL) over valid entries; 0 where fewer than 2 are valid."""
+    n = valid.sum(dim=dim)
+    x0 = torch.where(valid, x, 0.0)
+    mean = x0.sum(dim=dim) / n.clamp(min=1)
+    centred = torch.where(valid, x - (mean.unsqueeze(-1) if dim is not None else mean), 0.0)
+    var = (centred**2).sum(dim=dim) / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
+
+
+def group_stats(rewards: torch.Tensor, num_generations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and unbiased std of the rewards that are not NaN, shape [B] each."""
+    grouped = rewards.view(-1, num_generations)
+    valid = ~grouped.isnan()
+    mean = torch.where(valid, grouped, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+    return mean, _nan_std(grouped, valid, dim=-1)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
+    """Â_i = (R_i - mean of its group) / (std + 1e-4), as TRL GRPOTrainer.
+
+    rewards: [B*G] float, consecutive blocks of `num_generations` share a prompt. NaN (a reward_fn None) is
+    left out of the group mean/std and gets advantage 0. scale_rewards: "group" divides by the group's std,
+    "batch" by the std of the whole batch (group mean still subtracted), "none" does not divide (Dr. GRPO).
+    """
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards are not a multiple of num_generations={num_generations}")
+    rewards = rewards.float()
+    mean, std = group_stats(rewards, num_generations)
+    adv = rewards - mean.repeat_interleave(num_generations)
+    if scale_rewards == "group":
+        adv = adv / (std.repeat_interleave(num_generations) + STD_EPS)
+    elif scale_rewards == "batch":
+        adv = adv / (_nan_std(rewards, ~rewards.isnan()) + STD_EPS)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards={scale_rewards!r}: expected group, batch or none")
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[ids] per position, [B, K, V] -> [B, K], in float32.
+
+    One row (sequence) at a time, so at most one [K, V] float32 temporary exists in the forward pass (the
+    full-batch log_softmax would copy all of [B, K, V]); gather - logsumexp never materialises log_softmax.
+    """
+    rows = []
+    for row_logits, row_ids in zip(logits, ids):
+        row = row_logits.float() / temperature
+        rows.append(row.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position, [B, K, V] -> [B, K] (a metric: no gradient)."""
+    rows = []
+    for row_logits in logits:
+        row = row_logits.float() / temperature
+        lse = torch.logsumexp(row, dim=-1, keepdim=True)
+        rows.append((lse - (torch.exp(row - lse) * row).sum(-1, keepdim=True)).squeeze(-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """entropy_from_logits(F.linear(hidden, weight, bias), T): [..., H] -> [...], `chunk_size` tokens at a time.
+
+    The logits are computed as the lm_head does (its dtype, autocast included), so this is the plain path's
+    metric with at most [chunk_size, V] logits alive.
+    """
+    flat = hidden.reshape(-1, hidden.size(-1))
+    parts = [entropy_from_logits(F.linear(flat[s : s + chunk_size], weight, bias).unsqueeze(0), temperature)[0]
+             for s in range(0, flat.size(0), chunk_size)]
+    return torch.cat(parts).view(hidden.shape[:-1])
+
+
+def mask_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from the attention mask, as in generate(): with left padding the first real token is at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logits(model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+    """Logits predicting the last `logits_to_keep` tokens, [B, K, V].
+
+    Positions follow the mask (mask_position_ids), so the log-probs here are those of the distribution the
+    completions were sampled from.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_position_ids(attention_mask),
+                logits_to_keep=logits_to_keep + 1, use_cache=False)
+    return out.logits[:, :-1]  # the last position predicts the token after the sequence: drop it
+
+
+def completion_hidden(model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+    """Last hidden states [B, K, H] that completion_logits passes to the lm_head (same positions and mask)."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=mask_position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state[:, -logits_to_keep - 1 : -1]
+
+
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias or None) of the output embedding: the model's logits are F.linear(h, weight, bias)."""
+    for key in LOGIT_TRANSFORMS:
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise ValueError(f"logprob_impl='chunked': the model's head applies {key}={getattr(model.config, key)} "
+                             "to its logits, which the chunked kernel does not; use logprob_impl='plain'")
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float,
+                         impl: str = "plain", entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B, K], entropy [B, K] or None) of the last K = logits_to_keep tokens under model at T.
+
+    The log-probs carry the gradient, the entropy (a metric) does not. impl "plain" keeps the [B, K, V] logits;
+    "chunked" never builds them (kernels.linear_ce.chunked_linear_logprobs, entropy_from_hidden).
+    """
+    if impl not in ("plain", "chunked"):
+        raise ValueError(f"logprob_impl={impl!r}: expected plain or chunked")
+    ids = input_ids[:, -logits_to_keep:]
+    if impl == "plain":
+        logits = completion_logits(model, input_ids, attention_mask, logits_to_keep)
+        ent = entropy_from_logits(logits.detach(), temperature) if entropy else None
+        return logprobs_from_logits(logits, ids, temperature), ent
+    weight, bias = lm_head_params(model)
+    hidden = completion_hidden(model, input_ids, attention_mask, logits_to_keep)
+    ent = entropy_from_hidden(hidden.detach(), weight, bias, temperature) if entropy else None
+    return chunked_linear_logprobs(hidden, weight, ids, temperature=temperature, bias=bias), ent
+
+
+def selective_logprobs(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float,
+                       impl: str = "plain") -> torch.Tensor:
+    """Per-token log-probs [B, K] of the last K = logits_to_keep tokens of input_ids under model at temperature T.
+
+    input_ids = [left-padded prompt | completion]; TRL divides the logits by the sampling temperature too.
+    """
+    return logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep, temperature=temperature,
+                                impl=impl, entropy=False)[0]
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
+                   num_items_in_batch=None) -> torch.Tensor:
+    """Reduce [B, K] per-token losses to a scalar the way TRL's loss_type says (see module docstring)."""
+    if loss_type == "grpo":  # token mean per sequence, then mean over sequences (length-biased)
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":  # token mean over this (local) batch
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":  # constant normaliser: no length bias
+        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    if loss_type == "dapo":  # token mean over the global batch (all micro-batches of the step)
+        total = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype)
+        return (per_token * mask).sum() / total.clamp(min=1.0)
+    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo or dapo")
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, epsilon: float, epsilon_high: float | None,
+              beta: float, loss_type: str, max_completion_length: int, num_items_in_batch=None):
+    """Clipped surrogate + β·k3 KL per token, aggregated by loss_type. Returns (loss, metrics).
+
+    logps/old_logps/ref_logps: [B, K]; advantages: [B]; completion_mask: [B, K] (1 = real completion token).
+    r = exp(logp - old); loss_t = -min(r·A, clip(r, 1-ε, 1+ε_high)·A) + β·(exp(ref-logp) - (ref-logp) - 1).
+    epsilon_high=None means ε_high = ε. num_items_in_batch: active tokens in the whole step (dapo only; None =
+    this batch's). metrics (floats): clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, and kl
+    when beta != 0 — token means over the mask.
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype).unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta != 0 needs ref_logps")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1  # k3 estimator: unbiased, always >= 0
+        per_token = per_token + beta * kl
+    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1.0)
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
+        metrics = {
+            "clip_ratio/low_mean": float((low * mask).sum() / n),
+            "clip_ratio/high_mean": float((high * mask).sum() / n),
+            "clip_ratio/region_mean": float(((low + high) * mask).sum() / n),
+        }
+        if kl is not None:
+            metrics["kl"] = float((kl * mask).sum() / n)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------- module
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first end token, 0 after; rows without one (truncated) are all 1."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    width = completion_ids.size(1)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], width, dtype=torch.long))
+    return (torch.arange(width, device=completion_ids.device)[None, :] <= first[:, None]).long()
+
+
+class GRPOModule(L.LightningModule):
+    """One GRPO step per batch (a list of item dicts): generate, score, advantages, one optimizer step.
+
+    Manual optimisation: the update may be split into micro-batches of `micro_batch_size` completions (None =
+    all B*G at once) with the loss normalised over the whole step, so the result does not depend on the split
+    (bnpo: TRL's per-micro-batch normalisation, averaged). `history` holds each step's metrics.
+    """
+
+    def __init__(self, model, tokenizer, reward_fn, build_messages, cfg: RLConfig, *, ref_model, seed: int,
+                 micro_batch_size: int | None = None):
+        super().__init__()
+        if cfg.beta != 0.0 and ref_model is None:
+            raise ValueError("rl.beta != 0 needs a reference model")
+        self.automatic_optimization = False
+        self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
+        self.reward_fn, self.build_messages = reward_fn, build_messages
+        self.cfg, self.micro_batch_size, self.seed = cfg, micro_batch_size, seed
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.history: list[dict] = []
+        self.tokens = 0
+
+    def configure_optimizers(self):
+        return make_optimizer(self.model.parameters(), lr=self.cfg.lr, betas=ADAM_BETAS,
+                              weight_decay=self.cfg.weight_decay)
+
+    @torch.no_grad()
+    @torch.no_grad()
+    def generate(self, items: list[dict]) -> dict:
+        """Sample G completions per item with the pipeline's generation engine (models/lm/generation.py); rows are
+        grouped by prompt ([p0g0, p0g1, ..., p1g0, ...]), completions right-padded."""
+        cfg, tok, G = self.cfg, self.tokenizer, self.cfg.num_generations
+        messages = [self.build_messages(it) for it in items]
+        prompts = prompt_ids(tok, messages)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            completions = generate_ids(self.model, tok, prompts, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts) * G,
+                                       seed=self.seed * 1_000_003 + self.trainer.global_step, progress=False)
+        except RuntimeError as err:  # torch.multinomial on NaN / inf probabilities: the last update diverged
+            if "inf" in str(err) and "nan" in str(err):
+                raise DivergedError("rollouts sampled from non-finite probabilities", self.trainer.global_step + 1
+                                    ) from err
+            raise
+        finally:
+            self.model.train(was_training)
+        prompt_ids_, prompt_mask = left_padded([p for p in prompts for _ in range(G)], self.pad_id)
+        rows = [c for per_prompt in completions for c in per_prompt]
+        width = max(len(r) for r in rows)
+        completion_ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows])
+        prompt_ids_, prompt_mask, completion_ids = (t.to(self.device) for t in (prompt_ids_, prompt_mask,
+                                                                                completion_ids))
+        completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
+        return {
+            "messages": messages, "input_ids": torch.cat([prompt_ids_, completion_ids], 1),
+            "completion_ids": completion_ids, "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
+            "completion_mask": completion_mask,
+        }
+
+    def score(self, items: list[dict], batch: dict) -> torch.Tensor:
+        """Call reward_fn with TRL's keyword signature; None -> NaN. Returns [B*G] float32."""
+        G = self.cfg.num_generations
+        ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        columns = {k: [it[k] for it in items for _ in range(G)] for k in items[0]}
+        prompts = [m for m in batch["messages"] for _ in range(G)]
+        rewards = self.reward_fn(prompts=prompts, completions=texts, completion_ids=ids, **columns)
+        if len(rewards) != len(texts):
+            raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
+        return torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float32)
+
+    def policy_update(self, batch: dict, advantages: torch.Tensor) -> dict:
+        """One optimizer step over all completions, micro-batched; returns loss, clip ratios, kl, entropy."""
+        cfg = self.cfg
+        n, K = batch["completion_ids"].shape
+        mask = batch["completion_mask"]
+        total_tokens = mask.sum()
+        mb = self.micro_batch_size or n
+        opt = self.optimizers()
+        opt.zero_grad()
+        sums: dict[str, float] = {}
+        for s in range(0, n, mb):
+            rows = slice(s, min(s + mb, n))
+            ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
+            logps, entropy = logprobs_and_entropy(self.model, ids, attn, K, temperature=cfg.temperature,
+                                                  impl=cfg.logprob_impl)
+            ref = None
+            if cfg.beta != 0.0:
+                with torch.no_grad():
+                    ref = selective_logprobs(self.ref_model, ids, attn, K, temperature=cfg.temperature,
+                                             impl=cfg.logprob_impl)
+            loss, metrics = grpo_loss(
+                logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=cfg.epsilon,
+                epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_new_tokens, num_items_in_batch=total_tokens,
+            )
+            if cfg.loss_type != "dapo":  # dapo is already normalised over the whole step
+                loss = loss * (rows.stop - rows.start) / n
+            self.manual_backward(loss)
+            # Token-weighted sums so the step's metrics are token means over all micro-batches.
+            w = float(mask[rows].sum()) / max(float(total_tokens), 1.0)
+            metrics["entropy"] = float((entropy * mask[rows]).sum() / mask[rows].sum().clamp(min=1))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + w * v
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        guard_loss(sums["loss"], self.trainer.global_step + 1)  # before the update: a NaN step is never applied
+        opt.step()
+        return sums
+
+    def training_step(self, items, batch_idx):
+        start = time.perf_counter()
+        cfg = self.cfg
+        if self.ref_model is not None:
+            self.ref_model.eval()  # frozen: keep it in eval mode whatever mode the caller or Lightning set
+        batch = self.generate(items)
+        rewards = self.score(items, batch)
+        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+        metrics = self.policy_update(batch, advantages)
+
+        _, std = group_stats(rewards, cfg.num_generations)
+        lengths = batch["completion_mask"].sum(1).float()
+        truncated = ~torch.isin(batch["completion_ids"], torch.tensor(self.stop_ids, device=self.device)).any(1)
+        self.tokens += int(batch["attention_mask"].sum())
+        metrics.update({
+            "reward": float(rewards.nanmean()), "reward_std": float(std.mean()),
+            "frac_reward_zero_std": float((std < 1e-6).float().mean()),
+            "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.float().mean()),
+            "tokens": float(self.tokens),
+        })
+        self.history.append(metrics)  # deterministic numbers only: the history is part of the artifact
+        for k, v in metrics.items():
+            self.log(f"train/{k}", v, on_step=True, prog_bar=k in ("reward", "loss"), batch_size=len(items))
+        self.log("train/step_time", time.perf_counter() - start, on_step=True, batch_size=len(items))
+
+
+def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> list[list[int]]:
+    """Item indices per step: walk seeded permutations of all items (a new one each pass), like TRL's sampler."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * prompts_per_step:
+        perm = list(range(n_items))
+        rng.shuffle(perm)
+        order += perm
+    return [order[s * prompts_per_step : (s + 1) * prompts_per_step] for s in range(steps)]
+
+
+def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, seed: int,
+               logger=None, progress: bool = True, micro_batch_size: int | None = None) -> dict:
+    """GRPO-train the model in `model_dir` for cfg.steps steps on `items`, save an HF folder to `out_dir`.
+
+    build_messages(item) -> chat messages for the prompt. The reference model (cfg.beta != 0) is a frozen copy
+    of model_dir. Raises DivergedError at the first non-finite loss or if the trained weights are not finite.
+    Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens"}.
+    """
+    if not items:
+        raise ValueError("rl: no items to train on")
+    L.seed_everything(seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ref_model = None
+    if cfg.beta != 0.0:
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    policy = load_for_training(model_dir, lora=None, gradient_checkpointing=False)
+    module = GRPOModule(policy, tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model, seed=seed,
+                        micro_batch_size=micro_batch_size)
+    batches = [[items[i] for i in idx] for idx in step_items(len(items), cfg.steps, cfg.prompts_per_step, seed)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    with tempfile.TemporaryDirectory() as root, quiet_warnings():
+        trainer = make_trainer(max_steps=cfg.steps, max_epochs=1, grad_accum=1, precision=cfg.precision,
+                               logger=logger, progress=progress, root_dir=root)
+        trainer.fit(module, train_dataloaders=loader)
+
+    check_finite_weights(module.model, trainer.global_step)
+    save_model_folder(module.model, tokenizer, out_dir, cfg.save_dtype)
+    return {"steps": len(module.history), "reward": module.history[-1]["reward"], "history": module.history,
+            "tokens": module.tokens}

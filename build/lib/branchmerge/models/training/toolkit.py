@@ -1,0 +1,236 @@
+"""What every trainer here shares (torchtune's training/): loading a model for training (LoRA, activation
+checkpointing), AdamW and LR schedules, the Lightning Trainer, resumable step checkpoints, memory hygiene, and
+the divergence guard. Trainers (sft.py, grpo.py) import this; they never import each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from transformers import AutoModelForCausalLM
+from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from branchmerge.models.training import DivergedError
+from branchmerge.models.training.config import LoraConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.ckpt"
+FINGERPRINT = "run_fingerprint.txt"  # which run wrote the checkpoint beside it (run_fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def load_for_training(model_dir, *, lora: LoraConfig | None, gradient_checkpointing: bool):
+    """float32 master weights (bf16 runs autocast), train mode (transformers 5 loads in eval mode); LoRA adapters
+    when `lora` is given; activations recomputed in the backward pass when gradient_checkpointing."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        # Non-reentrant: works when the inputs need no grad (LoRA's frozen embeddings) and under autocast.
+        # transformers 5.24 renamed gradient_checkpointing_enable (deprecated, it warns) to activation_checkpointing_*.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_lora_config(lora))
+    return model.train()
+
+
+def peft_lora_config(lora: LoraConfig):
+    """conf/sft's lora settings as a peft LoraConfig."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    target = lora.target_modules
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                          target_modules=target if isinstance(target, str) else list(target))
+
+
+def trained_model(model):
+    """The plain transformers model to save: LoRA adapters merged into the weights they adapt."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def check_finite_weights(model, step: int | None) -> None:
+    """Raise DivergedError naming the first parameter with a NaN or infinite value."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DivergedError(f"non-finite weights in {name}", step)
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(params, *, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (biases, norms and 1-D params are not decayed, as in HF/nanoGPT)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused: one kernel per parameter group instead of a dozen elementwise ops per tensor (CPU and CUDA); ~0.2 s
+    # of a SmolLM2-135M step on CPU (bench/sft_vs_trl.py); float32 / bfloat16 parameters only.
+    fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
+
+
+def make_scheduler(optimizer, *, scheduler: str, warmup_ratio: float, total_steps: int):
+    """HF schedules: warmup steps = ceil(warmup_ratio * total_steps), linear from 0; then cosine to 0 or constant."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def progress_bar():
+    """Lightning's progress bar (rich when installed, as Lightning picks) showing learning rates as 5.00e-05, not
+    its 0.000, and without the logger's version number."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    class ProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return {k: f"{float(v):.2e}" if k.endswith("lr") else v for k, v in items.items()}
+
+    return ProgressBar()
+
+
+def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool,
+                 root_dir: str, callbacks: list | None = None) -> L.Trainer:
+    """Lightning Trainer on the default accelerator: no model summary, metrics logged every step, no checkpoints
+    but those of `callbacks` (StepCheckpoint)."""
+    # Lightning logs "GPU available", "TPU available", a litlogger tip, the precision and why fit stopped at INFO,
+    # each twice (its own handler and the root's): the stage's own log line says what ran
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return L.Trainer(
+        max_steps=max_steps, max_epochs=max_epochs, accumulate_grad_batches=grad_accum, precision=precision,
+        logger=logger if logger is not None else False, enable_checkpointing=False, enable_progress_bar=progress,
+        enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, use_distributed_sampler=False,
+        default_root_dir=root_dir, callbacks=[*(callbacks or []), *([progress_bar()] if progress else [])],
+    )
+
+
+@contextlib.contextmanager
+def quiet_warnings():
+    """Silence third-party warnings that say nothing to our users (the terminal stays quiet), while training."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data: no workers needed
+        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # GRPO's frozen reference model
+        # torch 2.13 deprecated LeafSpec, which lightning 2.6 still uses; peft asks the deprecated
+        # is_gradient_checkpointing of transformers 5.24: theirs to fix, nothing for a user to do
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*", FutureWarning)
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        yield
+
+
+def guard_loss(loss: float, step: int) -> None:
+    """Stop at the first non-finite loss (step: the optimizer step it belongs to, 1-based): a diverged run must
+    fail, not be saved as a model full of NaN."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"loss is {loss}", step)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to release
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory that CPU tensors freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc serves allocations under 32 MB (most activations) from heaps it keeps after they are freed, so a CPU
+    step's peak RSS also held the previous phase's free memory: trimming before the backward and after the
+    optimizer step lowered SmolLM2's peak by 0.5 GB at no measurable time (bench/sft_vs_trl.py).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+class StepCheckpoint(Callback):
+    """Every `every` optimizer steps, a full Lightning checkpoint at dirpath/last.ckpt, replaced atomically (a
+    kill while writing leaves the previous one whole). Written right after an optimizer step, never between the
+    micro-batches of an accumulation, so the saved data position and the saved weights agree."""
+
+    def __init__(self, dirpath, every: int, fingerprint: str, total_steps: int):
+        self.dirpath, self.every, self.fingerprint, self.total_steps = Path(dirpath), every, fingerprint, total_steps
+        self.saved = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.saved = trainer.global_step  # a resumed run does not rewrite the checkpoint it started from
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.saved or step % self.every or step >= self.total_steps:
+            return  # (the last step's weights are saved as the model right after)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
+        tmp = self.dirpath / f".{CHECKPOINT}.tmp"
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.dirpath / CHECKPOINT)
+        self.saved = step
+
+
+def run_fingerprint(settings: dict, rows: list[dict]) -> str:
+    """Hash of the settings and the tokenized data: a checkpoint resumes only the run that wrote it."""
+    blob = json.dumps({"settings": settings, "rows": rows}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """checkpoint_dir's last checkpoint if there is a readable one; refuses one written by a run with other
+    settings or data. An unreadable one (a zero-filled or truncated file: the disk, not a kill, since writes are
+    atomic) is deleted with a warning and training starts over."""
+    path = checkpoint_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    saved = (checkpoint_dir / FINGERPRINT).read_text() if (checkpoint_dir / FINGERPRINT).exists() else None
+    if saved != fingerprint:
+        raise ValueError(f"{path} was written by another SFT run (settings, model or data differ: fingerprint "
+                         f"{saved}, this run {fingerprint}); delete {checkpoint_dir} to start over")
+    problem = unreadable_checkpoint(path)
+    if problem:
+        log.warning("sft: discarding unreadable checkpoint %s (%s); training starts over", path, problem)
+        path.unlink()
+        return None
+    log.info("sft: resuming from %s", path)
+    return path
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why torch.load could not read this checkpoint (None if it can): its zip container and every record's CRC
+    are checked, which is what a torn or zero-filled file fails."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"{type(err).__name__}: {err}"
+    return f"record {bad} is corrupt" if bad else None

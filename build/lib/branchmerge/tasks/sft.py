@@ -1,0 +1,84 @@
+"""SFT stage: one branch = the base student fine-tuned on the teacher's kept responses for one domain, through
+the data recipe of conf/sft (models/training/recipes.py), resumable from the store's scratch folder after a crash.
+Items: the domains, and `mixture` (sft.mixture): the mixed-data baseline on the union of every domain's data."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from branchmerge.models.training.config import SFTConfig
+from branchmerge.tasks.common import Job, make_job, read_jsonl
+from branchmerge.tasks.store import ArtifactRef, Store
+
+if TYPE_CHECKING:
+    from branchmerge.flows.schema import PipelineConfig
+
+MIXTURE = "mixture"
+
+
+def items(cfg: PipelineConfig) -> list[str]:
+    return [*cfg.data.domains, *([MIXTURE] if cfg.sft.mixture else [])]
+
+
+def settings(cfg: PipelineConfig, item: str) -> SFTConfig:
+    """The branch's settings; the mixture's: one stage over the union (dmt has no "other domains" there), and the
+    branches' step budget together."""
+    if item != MIXTURE:
+        return cfg.sft
+    return cfg.sft.model_copy(update={
+        "recipe": "single" if cfg.sft.recipe == "dmt" else cfg.sft.recipe,
+        "max_steps": cfg.sft.max_steps * len(cfg.data.domains) if cfg.sft.max_steps > 0 else cfg.sft.max_steps})
+
+
+def needs(cfg: PipelineConfig, item: str) -> list[str]:
+    reference = ["model/teacher"] if cfg.sft.loss == "poft" and cfg.sft.poft_reference == "teacher" else []
+    return ["model/student", "teacher", *reference]
+
+
+def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
+    upstream = {"base": refs["model/student"], "teacher": refs["teacher"]}
+    if "model/teacher" in needs(cfg, item):
+        upstream["teacher_model"] = refs["model/teacher"]
+    return make_job(f"sft/{item}", {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed},
+                    upstream,
+                    __name__, cfg.run.store, "sft" in cfg.run.refresh,
+                    hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}")
+
+
+def examples_for(teacher_dir: str, branch: str) -> list[dict[str, Any]]:
+    rows = [r for r in read_jsonl(Path(teacher_dir) / "sft.jsonl") if branch in (MIXTURE, r["domain"])]
+    if not rows:
+        raise ValueError(f"teacher kept no responses for domain {branch!r} ({teacher_dir}/sft.jsonl): raise "
+                         "teacher.n or teacher.max_new_tokens, ease the domain's task config, or set teacher.keep=all")
+    return rows
+
+
+def general_examples(teacher_dir: str, branch: str) -> list[dict[str, Any]]:
+    """DMT's general data: the teacher's kept responses of every other domain."""
+    return [r for r in read_jsonl(Path(teacher_dir) / "sft.jsonl") if r["domain"] != branch]
+
+
+def pass_rates(teacher_dir: str, examples: list[dict[str, Any]]) -> list[float]:
+    """The teacher's pass rate on each example's prompt (its mean score over the n samples)."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for row in read_jsonl(Path(teacher_dir) / "samples.jsonl"):
+        scores[row["id"]].append(row["score"])
+    return [sum(scores[e["id"]]) / len(scores[e["id"]]) for e in examples]
+
+
+def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
+    from branchmerge.models.training.recipes import recipe_stages, train_recipe
+
+    cfg, branch, seed = SFTConfig.model_validate(job.config["sft"]), job.config["branch"], job.config["seed"]
+    teacher_dir = job.upstream["teacher"].path
+    examples = examples_for(teacher_dir, branch)
+    stages = recipe_stages(cfg, examples, general=general_examples(teacher_dir, branch) if cfg.recipe == "dmt" else [],
+                           pass_rates=pass_rates(teacher_dir, examples) if cfg.recipe == "curriculum" else [],
+                           seed=seed)
+    reference = job.upstream["teacher_model" if cfg.poft_reference == "teacher" else "base"]
+    checkpoints = Store(job.store).scratch(job.stage, job.key)  # kept across crashes, deleted once sealed
+    metrics = train_recipe(cfg, job.upstream["base"].path, stages, out, seed=seed, checkpoint_dir=checkpoints,
+                           reference_dir=reference.path if cfg.loss == "poft" else None, logger=logger)
+    # "examples": the branch's teacher examples; each stage's metrics count what it trained on
+    return {**metrics, "examples": len(examples), "stage_examples": [len(s) for s in stages]}
