@@ -14,10 +14,15 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow  # the whole tiny pipeline, for real
 
 
+MODEL = "branchmerge-pipeline-test"
+
+
 def run(store, *overrides):
     from branchmerge.flows.pipeline import branchmerge
 
-    result = branchmerge(overrides=["experiment=tiny", f"run.store={store}", *overrides])
+    # a registered model of this module's own: other modules' tiny runs share the session's MLflow database
+    result = branchmerge(overrides=["experiment=tiny", f"run.store={store}", f"tracking.registered_model={MODEL}",
+                                    *overrides])
     return json.loads(Path(result["summary"]).read_text())
 
 
@@ -163,19 +168,20 @@ def test_mlflow_parent_and_nested_runs(first):
     assert re.fullmatch(r"tiny-\d{8}-\d{6}", parent.info.run_name)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert parent.data.tags.get("mlflow.source.git.commit") == (head.stdout.strip() or None)
-    assert parent.data.tags["overrides"].startswith("experiment=tiny run.store=")
+    overrides = parent.data.tags["overrides"]
+    assert overrides.startswith("experiment=tiny run.store=") and MODEL in overrides
     # the results as an MLflow table, with intervals
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json")).read_text())
     assert table["data"] and "overall_ci_low" in table["columns"] and "model" in table["columns"]
     # the final model: logged as a transformers model, registered, champion (the first one)
     import mlflow
 
-    champion = client.get_model_version_by_alias("branchmerge-tiny", "champion")
+    champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.run_id == parent.info.run_id and parent.data.tags["champion_decision"].endswith("(no champion yet)")
-    loaded = mlflow.transformers.load_model(f"models:/branchmerge-tiny@champion", return_type="components")
+    loaded = mlflow.transformers.load_model(f"models:/{MODEL}@champion", return_type="components")
     assert loaded["model"].config.num_hidden_layers == 2
     # later versions (other merge methods of the same random model: pass@1 0 everywhere) did not beat it
-    others = [v for v in client.search_model_versions("name = 'branchmerge-tiny'") if v.version != champion.version]
+    others = [v for v in client.search_model_versions(f"name = '{MODEL}'") if v.version != champion.version]
     assert all(v.tags["champion_decision"].startswith("does not beat the champion") for v in others)
 
 
