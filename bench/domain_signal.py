@@ -45,7 +45,7 @@ def candidate(spec: str) -> tuple[str, dict]:
 
 
 def model_folder(name: str, dtype: str) -> str:
-    from models.lm.hf import materialize_model
+    from branchmerge.models.lm.hf import materialize_model
 
     spec = yaml.safe_load((ROOT / "conf/teacher" / f"{name}.yaml").read_text())["model"]
     out = Path(os.environ.get("BRANCHMERGE_CACHE", Path.home() / ".cache/branchmerge")) / "bench" / f"{name}-{dtype}"
@@ -55,10 +55,10 @@ def model_folder(name: str, dtype: str) -> str:
 
 
 def main() -> None:
-    from models.data import domains
-    from models.eval.metrics import pass_at_k
-    from models.lm import generation
-    from models.lm.hf import load_model, load_tokenizer
+    from branchmerge.models.data import domains
+    from branchmerge.models.eval.metrics import pass_at_k
+    from branchmerge.models.lm import generation
+    from branchmerge.models.lm.hf import load_model, load_tokenizer
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2", help="a conf/teacher/ name")

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 def model_folder(dtype: str) -> Path:
     """SmolLM2 as an HF folder in the cache (converted once from the GGUF in its wheel)."""
-    from flows.config import compose
-    from models.cache import cache_root
-    from models.lm.hf import atomic_dir, materialize_model, publish_dir
+    from branchmerge.flows.config import compose
+    from branchmerge.models.cache import cache_root
+    from branchmerge.models.lm.hf import atomic_dir, materialize_model, publish_dir
 
     folder = cache_root() / "bench" / "generation" / f"smollm2-{dtype}"
     if not (folder / "config.json").exists():
@@ -41,8 +41,8 @@ def model_folder(dtype: str) -> Path:
 
 def conversations(n: int) -> list[list[dict]]:
     """The default experiment's first n training prompts, as the teacher sees them."""
-    from flows.config import compose
-    from models.data import domains
+    from branchmerge.flows.config import compose
+    from branchmerge.models.data import domains
 
     data = compose(["experiment=smollm2_cpu"]).data
     convs = []
@@ -55,8 +55,8 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 def with_hf_generate(model, tok, prompts, n, temperature, top_p, max_new_tokens, batch_size) -> list[list[list[int]]]:
-    from models.lm.chat import stop_token_ids
-    from models.lm.generation import left_padded
+    from branchmerge.models.lm.chat import stop_token_ids
+    from branchmerge.models.lm.generation import left_padded
 
     stops = stop_token_ids(tok, model.generation_config)
     order = sorted(range(len(prompts)), key=lambda p: (prompts[p], p))
@@ -81,7 +81,7 @@ def with_generate_batch(model, tok, prompts, max_new_tokens, batch_size) -> list
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from models.lm.chat import stop_token_ids
+    from branchmerge.models.lm.chat import stop_token_ids
 
     stops = stop_token_ids(tok, model.generation_config)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
@@ -107,10 +107,10 @@ def main() -> None:
     ap.add_argument("--continuous", action="store_true", help="also transformers' generate_batch (greedy)")
     args = ap.parse_args()
 
-    from models.lm.generation import generate_ids, prompt_ids
-    from models.lm.hf import load_model, load_tokenizer
+    from branchmerge.models.lm.generation import generate_ids, prompt_ids
+    from branchmerge.models.lm.hf import load_model, load_tokenizer
 
-    from flows.config import compose
+    from branchmerge.flows.config import compose
 
     folder = model_folder(args.dtype)
     model, tok = load_model(folder, args.dtype), load_tokenizer(folder)

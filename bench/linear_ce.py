@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import linear_ce as lc  # noqa: E402
+from branchmerge.kernels import linear_ce as lc  # noqa: E402
 
 MiB = 2**20
 

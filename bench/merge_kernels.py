@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import merge as km  # noqa: E402
+from branchmerge.kernels import merge as km  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

@@ -64,7 +64,7 @@ print(json.dumps({"rc": p.returncode, "seconds": seconds,
 """
 OURS = """
 import json, sys
-from models.merging.run import run_merge
+from branchmerge.models.merging.run import run_merge
 run_merge(json.load(open(sys.argv[1])), sys.argv[2], seed=0, overwrite=True)
 """
 MERGEKIT_METHODS = """
@@ -80,7 +80,7 @@ print(json.dumps(sorted(names)))
 
 
 def cache_root() -> Path:
-    from models.cache import cache_root as root  # $BRANCHMERGE_CACHE or ~/.cache/branchmerge
+    from branchmerge.models.cache import cache_root as root  # $BRANCHMERGE_CACHE or ~/.cache/branchmerge
 
     return root()
 
@@ -120,7 +120,7 @@ def mergekit_methods(venv: Path) -> list[str]:
 
 def sft_examples(domain: str, size: int) -> list[dict]:
     """One-shot prompts of the domain with the gold answer, worked, as the completion."""
-    from models.data import domains
+    from branchmerge.models.data import domains
 
     data = yaml.safe_load((ROOT / "conf/data/reasoning_gym.yaml").read_text())
     tasks = data["domains"][domain]["tasks"]
@@ -132,12 +132,12 @@ def sft_examples(domain: str, size: int) -> list[dict]:
 
 def prepare_models() -> tuple[Path, list[Path]]:
     """The base (materialized SmolLM2, fp32) and one fine-tune per domain, built once and cached."""
-    from models.lm.hf import atomic_dir, publish_dir
+    from branchmerge.models.lm.hf import atomic_dir, publish_dir
 
     folder = cache_root() / "bench" / "merge_vs_mergekit"
     base = folder / "base"
     if not (base / "config.json").exists():
-        from models.lm.hf import materialize_model
+        from branchmerge.models.lm.hf import materialize_model
 
         source = yaml.safe_load((ROOT / "conf/student/smollm2.yaml").read_text())["source"]
         tmp = atomic_dir(base)
@@ -149,8 +149,8 @@ def prepare_models() -> tuple[Path, list[Path]]:
         fts.append(ft)
         if (ft / "config.json").exists():
             continue
-        from models.training.config import SFTConfig
-        from models.training.sft import train_sft
+        from branchmerge.models.training.config import SFTConfig
+        from branchmerge.models.training.sft import train_sft
 
         sft = yaml.safe_load((ROOT / "conf/sft/full.yaml").read_text())
         cfg = SFTConfig(**sft | dict(epochs=10, max_steps=SFT_STEPS, save_dtype="float32"))  # steps bound it
@@ -319,7 +319,7 @@ def random_tensors(method: str):
 
 def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Path], work: Path, repeats: int,
                  env: dict, keep: bool) -> dict:
-    from models.merging.config import validate_config
+    from branchmerge.models.merging.config import validate_config
 
     validate_config(config)  # a config ours rejects fails here, before any timing
     d = work / method
@@ -409,7 +409,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    from models.merging.registry import method_names
+    from branchmerge.models.merging.registry import method_names
 
     venv = mergekit_venv()
     ours, theirs = set(method_names()), set(mergekit_methods(venv))

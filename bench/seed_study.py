@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.eval.metrics import paired  # noqa: E402
+from branchmerge.models.eval.metrics import paired  # noqa: E402
 
 QUESTIONS = [("merged", "base"), ("merged", "branch/arithmetic"), ("merged", "branch/gcd"), ("merged", "branch/lcm"),
              ("merged", "mixture"), ("rl", "merged"),

@@ -96,7 +96,7 @@ def timed_fit(self, *args, **kwargs):  # train_sft's wall_time_s also holds toke
 
 
 L.Trainer.fit = timed_fit
-from models.training.sft import SFTModule, train_sft
+from branchmerge.models.training.sft import SFTModule, train_sft
 
 optimizer_step = SFTModule.optimizer_step
 
@@ -108,7 +108,7 @@ def timed_step(self, *args, **kwargs):
 
 SFTModule.optimizer_step = timed_step
 
-from models.training.config import SFTConfig
+from branchmerge.models.training.config import SFTConfig
 
 settings = dict(job["settings"])
 seed = settings.pop("seed")
@@ -162,7 +162,7 @@ def trl_venv() -> Path:
 
 def base_model() -> Path:
     """merge_vs_mergekit.py's fp32 SmolLM2 base folder, built here if that bench has not run yet."""
-    from models.lm.hf import atomic_dir, materialize_model, publish_dir
+    from branchmerge.models.lm.hf import atomic_dir, materialize_model, publish_dir
 
     base = cache_root() / "bench" / "merge_vs_mergekit" / "base"
     if not (base / "config.json").exists():

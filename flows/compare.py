@@ -114,7 +114,7 @@ def log_study(found: list[dict[str, Any]], out: dict[str, Any], sweep_dir: Path)
     tracking = found[0]["summary"]["config"]["tracking"]
     if not tracking["enabled"]:
         return None
-    from flows.tracking import Tracker
+    from branchmerge.flows.tracking import Tracker
 
     tracker = Tracker(True, tracking["tracking_uri"], tracking["experiment"])
     tags = {"study": sweep_dir.name, "swept": ",".join(out["swept"]),

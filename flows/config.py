@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from flows.schema import ConfigError, PipelineConfig, validate
+from branchmerge.flows.schema import ConfigError, PipelineConfig, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

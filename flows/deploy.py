@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from flows.config import CONF_DIR
+from branchmerge.flows.config import CONF_DIR
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -21,8 +21,8 @@ def deployment(name: str, cron: str, timezone: str, overrides: list[str]):
 
     from prefect.schedules import Cron
 
-    from flows.config import compose
-    from flows.pipeline import branchmerge
+    from branchmerge.flows.config import compose
+    from branchmerge.flows.pipeline import branchmerge
 
     # what each scheduled run will compose, checked now: a bad override fails here, as on the command line,
     # not at 2 a.m. (the overrides are registered as given; `${today:}` resolves again in each run)
@@ -45,7 +45,7 @@ def deployment(name: str, cron: str, timezone: str, overrides: list[str]):
 def main(cfg: DictConfig) -> None:
     from prefect import serve
 
-    from flows.schema import ConfigError
+    from branchmerge.flows.schema import ConfigError
 
     try:
         dep = deployment(cfg.name, cfg.cron, cfg.timezone, list(cfg.overrides))

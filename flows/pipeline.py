@@ -27,12 +27,12 @@ from prefect.context import TaskRunContext  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.config import compose, resolve  # noqa: E402
-from flows.schema import PipelineConfig  # noqa: E402
-from flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
-from tasks.common import Job, execute, write_json  # noqa: E402
-from tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
-from tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
+from branchmerge.flows.config import compose, resolve  # noqa: E402
+from branchmerge.flows.schema import PipelineConfig  # noqa: E402
+from branchmerge.flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
+from branchmerge.tasks.common import Job, execute, write_json  # noqa: E402
+from branchmerge.tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
+from branchmerge.tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
 
 log = logging.getLogger("branchmerge")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call is noise
@@ -195,7 +195,7 @@ def training_cost(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> st
 
 def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str, ArtifactRef],
            started: float) -> dict[str, Any]:
-    from models.eval.report import results_table_plain, table_rows
+    from branchmerge.models.eval.report import results_table_plain, table_rows
 
     logger = get_run_logger()
     report_ref = refs["report"]

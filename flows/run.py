@@ -15,8 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from flows.config import CONF_DIR, to_dict
-from flows.schema import ConfigError, validate
+from branchmerge.flows.config import CONF_DIR, to_dict
+from branchmerge.flows.schema import ConfigError, validate
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -33,8 +33,8 @@ def main(cfg: DictConfig) -> float:
         remove_job_dir(job_dir)  # a rejected invocation leaves nothing behind
         raise SystemExit(2) from None
 
-    from flows.pipeline import branchmerge
-    from flows.tracking import preload
+    from branchmerge.flows.pipeline import branchmerge
+    from branchmerge.flows.tracking import preload
 
     if config.tracking.enabled:
         preload(config.tracking.tracking_uri, config.tracking.experiment)  # overlaps Prefect's start-up

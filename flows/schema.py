@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from models.data.config import DataConfig
-from models.eval.config import EvalConfig
-from models.lm.config import ModelConfig, TeacherConfig
-from models.merging.config import MergeConfig
-from models.settings import Settings
-from models.training.config import RLConfig, SFTConfig
-from tasks.registry import STAGE_NAMES
+from branchmerge.models.data.config import DataConfig
+from branchmerge.models.eval.config import EvalConfig
+from branchmerge.models.lm.config import ModelConfig, TeacherConfig
+from branchmerge.models.merging.config import MergeConfig
+from branchmerge.models.settings import Settings
+from branchmerge.models.training.config import RLConfig, SFTConfig
+from branchmerge.tasks.registry import STAGE_NAMES
 
 # A run's name becomes a folder (runs/<time>-<name>-<id>) and an MLflow run name: one path component, short.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -89,7 +89,7 @@ class PipelineConfig(Settings):
 
     @model_validator(mode="after")
     def _sections_fit_together(self) -> "PipelineConfig":
-        from tasks import merge
+        from branchmerge.tasks import merge
 
         domains = list(self.data.domains)
         pool = self.data.train_size * len(domains)
@@ -111,7 +111,7 @@ class PipelineConfig(Settings):
             raise ValueError(f"eval.openai.model={served!r} would answer for every evaluated model (base, branches, "
                              "merged, ...): use null (each artifact's folder) or a name with {item}")
         if self.sft.finetune == "lora":
-            from models.training.lora_targets import check_lora_targets
+            from branchmerge.models.training.lora_targets import check_lora_targets
 
             check_lora_targets(self.sft.lora, self.student)
         return self

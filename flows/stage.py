@@ -21,12 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from flows.config import compose
-from flows.schema import ConfigError, PipelineConfig, validate
-from tasks.code import ROOT, closure
-from tasks.common import execute
-from tasks.registry import REGISTRY, STAGES, Stage, dry_run
-from tasks.store import ArtifactRef, verified_manifest
+from branchmerge.flows.config import compose
+from branchmerge.flows.schema import ConfigError, PipelineConfig, validate
+from branchmerge.tasks.code import ROOT, closure
+from branchmerge.tasks.common import execute
+from branchmerge.tasks.registry import REGISTRY, STAGES, Stage, dry_run
+from branchmerge.tasks.store import ArtifactRef, verified_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DVC_ROOT = Path("dvc")  # every stage's output lives at dvc/<artifact name>

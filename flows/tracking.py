@@ -25,7 +25,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from tasks.store import ArtifactRef
+from branchmerge.tasks.store import ArtifactRef
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow logs to its own stream handler, past our terminal filter: "Creating initial MLflow database tables..."
@@ -215,7 +215,7 @@ def champion_decision(new: list[dict], champion: list[dict] | None, champion_set
                       ) -> tuple[bool, str]:
     """Whether the new model takes the `champion` alias, and why: it must beat the champion on the same
     held-out prompts by a paired bootstrap (95 % interval of the pass@1 difference above 0)."""
-    from models.eval.metrics import paired
+    from branchmerge.models.eval.metrics import paired
 
     if champion is None:
         return True, "no champion yet"

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 # Re-exported: tests and callers ask this module which backend runs.
-from kernels.dispatch import ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available  # noqa: F401
+from branchmerge.kernels.dispatch import ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available  # noqa: F401
 
 Reduction = Literal["mean", "sum", "none"]
 IGNORE_INDEX = -100

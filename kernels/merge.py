@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 # Re-exported: tests and callers ask this module which backend runs.
-from kernels.dispatch import ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available  # noqa: F401
+from branchmerge.kernels.dispatch import ENV, TRITON_DTYPES, Backend, backend, interpreted, jit, tl, triton, triton_available  # noqa: F401
 
 Rescale = Literal["l1", "inverse_p"] | None
 L1_EPS = 1e-7  # mergekit's: below it on either side, nothing to match and the masked delta stays as is

@@ -13,14 +13,17 @@ from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("flows", "tasks", "models", "kernels")  # the repository's import roots
+# The repository's folders, installed as branchmerge.<folder> (pyproject.toml's package-dir)
+PACKAGES = ("flows", "tasks", "models", "kernels")
+PREFIX = "branchmerge."
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
     """The file of an in-repo module or package (its __init__.py), else None."""
-    if module.split(".")[0] not in PACKAGES:
+    parts = module.removeprefix(PREFIX).split(".")
+    if not module.startswith(PREFIX) or parts[0] not in PACKAGES:
         return None
-    base = root.joinpath(*module.split("."))
+    base = root.joinpath(*parts)
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -29,7 +32,7 @@ def module_file(module: str, root: Path = ROOT) -> Path | None:
 
 def _module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return PREFIX + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _is_type_checking(node: ast.If) -> bool:

@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel
 
-from models.training import DivergedError
-from tasks.code import code_version
-from tasks.store import ArtifactRef, Store, artifact_key
+from branchmerge.models.training import DivergedError
+from branchmerge.tasks.code import code_version
+from branchmerge.tasks.store import ArtifactRef, Store, artifact_key
 
 log = logging.getLogger("branchmerge")
 

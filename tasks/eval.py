@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.eval.config import EvalConfig
-from tasks.common import Job, make_job, read_json, read_jsonl, write_json, write_jsonl
-from tasks.store import ArtifactRef
+from branchmerge.models.eval.config import EvalConfig
+from branchmerge.tasks.common import Job, make_job, read_json, read_jsonl, write_json, write_jsonl
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 def models(cfg: PipelineConfig) -> list[str]:
@@ -41,10 +41,10 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.data import domains
-    from models.eval.metrics import summarize
-    from models.lm.backends import open_backend
-    from tasks.store import Store
+    from branchmerge.models.data import domains
+    from branchmerge.models.eval.metrics import summarize
+    from branchmerge.models.lm.backends import open_backend
+    from branchmerge.tasks.store import Store
 
     cfg, mix = EvalConfig.model_validate(job.config["eval"]), Path(job.upstream["mix"].path)
     items = read_jsonl(mix / "eval.jsonl")

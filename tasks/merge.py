@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.merging.config import MergeConfig
-from tasks.common import Job, make_job
-from tasks.store import ArtifactRef
+from branchmerge.models.merging.config import MergeConfig
+from branchmerge.tasks.common import Job, make_job
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def recipe_path(recipe: str) -> Path:
 
 
 def recipe_docs(recipe: str) -> list[dict[str, Any]]:
-    from models.merging.recipe import load_recipe
+    from branchmerge.models.merging.recipe import load_recipe
 
     path = recipe_path(recipe)
     if not path.is_file():
@@ -55,7 +55,7 @@ def mergekit_config(merge: MergeConfig, base: str, branches: list[str]) -> dict[
     """The merge as a mergekit YAML would say it. `merge.parameters` holds both kinds of mergekit parameter:
     per-model ones (weight, density, ...) go to every branch, the rest are global. The student is
     `base_model` for methods built on deltas; methods that ignore a base average the branches alone."""
-    from models.merging.registry import get_method
+    from branchmerge.models.merging.registry import get_method
 
     method = get_method(merge.method)
     per_model = {k: v for k, v in merge.parameters.items() if k in method.model_names()}
@@ -68,8 +68,8 @@ def mergekit_config(merge: MergeConfig, base: str, branches: list[str]) -> dict[
 
 def check(merge: MergeConfig, branches: list[str]) -> None:
     """Fail on a merge config that cannot run over these branches (no weights are read)."""
-    from models.merging.config import MergeConfigError, validate_config
-    from models.merging.recipe import plan_recipe
+    from branchmerge.models.merging.config import MergeConfigError, validate_config
+    from branchmerge.models.merging.recipe import plan_recipe
 
     if merge.recipe is not None:
         try:
@@ -85,8 +85,8 @@ def check(merge: MergeConfig, branches: list[str]) -> None:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.merging.recipe import run_recipe
-    from models.merging.run import run_merge
+    from branchmerge.models.merging.recipe import run_recipe
+    from branchmerge.models.merging.run import run_merge
 
     branches = {name: ref for name, ref in sorted(job.upstream.items()) if name.startswith("sft/")}
     # merge_config.json names the inputs by artifact and digest, not by path: the artifact is the same in any store.

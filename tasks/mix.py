@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.data.config import DataConfig
-from tasks.common import Job, make_job, write_json, write_jsonl
-from tasks.store import ArtifactRef
+from branchmerge.models.data.config import DataConfig
+from branchmerge.tasks.common import Job, make_job, write_json, write_jsonl
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
@@ -25,7 +25,7 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.data import domains, mixing
+    from branchmerge.models.data import domains, mixing
 
     data = DataConfig.model_validate(job.config["data"])
     train, dev, held_out, shots = [], [], [], {}

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.lm.config import ModelConfig
-from tasks.common import Job, make_job
-from tasks.store import ArtifactRef
+from branchmerge.models.lm.config import ModelConfig
+from branchmerge.tasks.common import Job, make_job
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 def items(cfg: PipelineConfig) -> list[str]:
@@ -37,7 +37,7 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.lm.hf import materialize_model
+    from branchmerge.models.lm.hf import materialize_model
 
     model = ModelConfig.model_validate(job.config["model"])
     materialize_model(model.source, out, model.dtype)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
-from tasks import eval as eval_stage
-from tasks import merge, mix, model, report, rl, sft, teacher
-from tasks.common import Job
-from tasks.store import ArtifactRef, Store
+from branchmerge.tasks import eval as eval_stage
+from branchmerge.tasks import merge, mix, model, report, rl, sft, teacher
+from branchmerge.tasks.common import Job
+from branchmerge.tasks.store import ArtifactRef, Store
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks import eval as eval_stage
-from tasks.common import Job, make_job, read_json, read_jsonl, write_json
-from tasks.store import ArtifactRef
+from branchmerge.tasks import eval as eval_stage
+from branchmerge.tasks.common import Job, make_job, read_json, read_jsonl, write_json
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
@@ -42,8 +42,8 @@ def table(metrics: dict[str, dict], metric: str) -> tuple[dict, dict]:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.eval import report
-    from models.eval.metrics import paired
+    from branchmerge.models.eval import report
+    from branchmerge.models.eval.metrics import paired
 
     names = job.config["models"]
     folders = {name: Path(job.upstream[f"eval/{name}"].path) for name in names}

@@ -4,12 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.training.config import RLConfig
-from tasks.common import Job, make_job, read_json, read_jsonl
-from tasks.store import ArtifactRef
+from branchmerge.models.training.config import RLConfig
+from branchmerge.tasks.common import Job, make_job, read_json, read_jsonl
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
@@ -23,8 +23,8 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.data import domains
-    from models.training.grpo import train_grpo
+    from branchmerge.models.data import domains
+    from branchmerge.models.training.grpo import train_grpo
 
     mix = Path(job.upstream["mix"].path)
     items = read_jsonl(mix / "train.jsonl")

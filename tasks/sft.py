@@ -7,12 +7,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.training.config import SFTConfig
-from tasks.common import Job, make_job, read_jsonl
-from tasks.store import ArtifactRef, Store
+from branchmerge.models.training.config import SFTConfig
+from branchmerge.tasks.common import Job, make_job, read_jsonl
+from branchmerge.tasks.store import ArtifactRef, Store
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 MIXTURE = "mixture"
 
@@ -68,7 +68,7 @@ def pass_rates(teacher_dir: str, examples: list[dict[str, Any]]) -> list[float]:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.training.recipes import recipe_stages, train_recipe
+    from branchmerge.models.training.recipes import recipe_stages, train_recipe
 
     cfg, branch, seed = SFTConfig.model_validate(job.config["sft"]), job.config["branch"], job.config["seed"]
     teacher_dir = job.upstream["teacher"].path

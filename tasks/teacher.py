@@ -6,12 +6,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.lm.config import TeacherConfig
-from tasks.common import Job, make_job, read_json, read_jsonl, write_json, write_jsonl
-from tasks.store import ArtifactRef
+from branchmerge.models.lm.config import TeacherConfig
+from branchmerge.tasks.common import Job, make_job, read_json, read_jsonl, write_json, write_jsonl
+from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
@@ -28,9 +28,9 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
-    from models.data import domains
-    from models.lm.backends import open_backend
-    from tasks.store import Store
+    from branchmerge.models.data import domains
+    from branchmerge.models.lm.backends import open_backend
+    from branchmerge.tasks.store import Store
 
     cfg, mix = TeacherConfig.model_validate(job.config["teacher"]), job.upstream["mix"].path
     items = read_jsonl(Path(mix) / "train.jsonl")

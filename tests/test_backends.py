@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.config import ConfigError, compose
-from tasks import eval as eval_stage
-from tasks import teacher
-from tasks.common import execute
-from tasks.registry import REGISTRY, STAGES
-from tasks.store import Store
+from branchmerge.flows.config import ConfigError, compose
+from branchmerge.tasks import eval as eval_stage
+from branchmerge.tasks import teacher
+from branchmerge.tasks.common import execute
+from branchmerge.tasks.registry import REGISTRY, STAGES
+from branchmerge.tasks.store import Store
 
 # The tiny model with larger random weights: its greedy tokens differ from step to step (the default tiny model
 # repeats one token), so equal outputs mean equal decoding.
@@ -120,7 +120,7 @@ def rows(ref, name: str) -> list[dict]:
 
 
 def keys(*overrides: str) -> dict[str, str]:
-    from tasks.registry import dry_run
+    from branchmerge.tasks.registry import dry_run
 
     return {name: job.key for name, (job, _) in dry_run(compose([*TINY, *overrides])).items()}
 
@@ -214,10 +214,10 @@ def test_eval_through_the_server_equals_the_in_process_eval(server, store):
 
 KILLED_RUN = """
 import sys
-from flows.config import compose
-from tasks import teacher
-from tasks.common import execute
-from tasks.registry import STAGES
+from branchmerge.flows.config import compose
+from branchmerge.tasks import teacher
+from branchmerge.tasks.common import execute
+from branchmerge.tasks.registry import STAGES
 cfg = compose(sys.argv[1:])
 refs = {}
 for stage in STAGES[:2]:

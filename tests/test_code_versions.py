@@ -1,6 +1,7 @@
 """Code versions come from the real import closure: editing a file a stage runs changes that stage's key and every
 key downstream of it; editing what no stage runs (bench/, the README) changes none. Edits happen in a temp copy."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.code import closure, code_version
-from tasks.registry import STAGES
+from branchmerge.tasks.code import closure, code_version
+from branchmerge.tasks.registry import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE = ("flows", "tasks", "models", "kernels", "conf", "bench")
@@ -64,8 +65,16 @@ def test_the_files_the_old_hand_kept_lists_missed(copy, rel, must_change):
 
 
 def planned_keys(repo: Path, store: Path) -> dict[str, str]:
-    proc = subprocess.run([sys.executable, "-m", "flows.stage", "plan", "--json", "experiment=tiny",
-                           f"run.store={store}"], cwd=repo, capture_output=True, text=True, timeout=300)
+    """The plan of the copy's code: `branchmerge.*` made to resolve to the copy's folders (the installed, editable
+    package points at the checkout)."""
+    package = repo.parent / "importable" / "branchmerge"
+    if not package.exists():
+        package.mkdir(parents=True)
+        for name in ("flows", "tasks", "models", "kernels", "conf"):
+            (package / name).symlink_to(repo / name)
+    proc = subprocess.run([sys.executable, "-m", "branchmerge.flows.stage", "plan", "--json", "experiment=tiny",
+                           f"run.store={store}"], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(package.parent)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: plan["key"] for name, plan in json.loads(proc.stdout.splitlines()[-1]).items()}
 

@@ -5,7 +5,7 @@ import statistics
 import pytest
 import yaml
 
-from flows.compare import compare, main
+from branchmerge.flows.compare import compare, main
 
 
 def fake_job(folder, overrides, results):

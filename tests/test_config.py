@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import compose
-from flows.schema import ConfigError
-from models.merging.config import MERGE_METHODS
+from branchmerge.flows.config import compose
+from branchmerge.flows.schema import ConfigError
+from branchmerge.models.merging.config import MERGE_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ def test_an_unwritable_cache_folder_does_not_break_validation(tmp_path, monkeypa
     (tmp_path / "file").write_text("not a folder")
     cache = tmp_path / "file" / "cache"  # cannot be created, not even by root
     monkeypatch.setenv("BRANCHMERGE_CACHE", str(cache))
-    from models import cache as cache_module
+    from branchmerge.models import cache as cache_module
 
     cache_module._usable.cache_clear()
     try:
@@ -94,14 +94,14 @@ def test_an_unwritable_cache_folder_does_not_break_validation(tmp_path, monkeypa
 
 
 def test_merge_methods_match_registry():
-    from models.merging.registry import method_names
+    from branchmerge.models.merging.registry import method_names
     assert sorted(MERGE_METHODS) == method_names()
 
 
 # ----------------------------------------------------------------------------------------------- one default
 
 def settings_models():
-    from flows.schema import PipelineConfig
+    from branchmerge.flows.schema import PipelineConfig
 
     seen, todo = {}, [PipelineConfig]
     while todo:
@@ -141,8 +141,8 @@ def test_no_function_defaults_a_config_key():
 
 
 def test_trainers_take_the_settings_object():
-    from models.training.grpo import train_grpo
-    from models.training.sft import train_sft
+    from branchmerge.models.training.grpo import train_grpo
+    from branchmerge.models.training.sft import train_sft
 
     for fn, settings in ((train_sft, "SFTConfig"), (train_grpo, "RLConfig")):
         params = list(inspect.signature(fn).parameters.values())
@@ -158,7 +158,7 @@ def test_nightly_data_seed_is_the_date_of_each_run():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from flows.config import CONF_DIR, compose
+    from branchmerge.flows.config import CONF_DIR, compose
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         deploy = hydra_compose(config_name="deploy")
@@ -170,7 +170,7 @@ def test_nightly_data_seed_is_the_date_of_each_run():
 def test_form_edits_and_overrides_combine_as_on_the_command_line():
     """The flow's `config` (the form, prefilled with conf/) and `overrides` together: the form's edits apply over
     a group override, a key named in both takes the override's value; the CLI's composed config is kept."""
-    from flows.config import as_overrides, compose, resolve
+    from branchmerge.flows.config import as_overrides, compose, resolve
 
     default = compose([])
     edited = default.model_copy(deep=True)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from models.data.domains import (
+from branchmerge.models.data.domains import (
     build_items,
     build_messages,
     extract_answer,

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.training.config import RLConfig
-from models.training.grpo import (
+from branchmerge.models.training.config import RLConfig
+from branchmerge.models.training.grpo import (
     completion_hidden,
     completion_mask_from_ids,
     entropy_from_hidden,
@@ -405,7 +405,7 @@ def test_train_grpo_chunked_logprobs_run_under_bf16_autocast(tiny_model_dir, tmp
 
 
 def test_a_diverging_grpo_run_raises_before_saving(tiny_model_dir, tmp_path):
-    from models.training import DivergedError
+    from branchmerge.models.training import DivergedError
 
     with pytest.raises(DivergedError, match=r"at optimizer step \d"):
         grpo(tiny_model_dir, ToyReward(), tmp_path / "rl", lr=1e9, beta=0.0, steps=3)

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from models.lm.chat import stop_token_ids
-from models.lm.generation import completion, generate, generate_ids, nucleus, prompt_ids, shared_prefix_len
-from models.lm.hf import joined_gguf, load_model, load_tokenizer, materialize_model, tiny_model_folder
+from branchmerge.models.lm.chat import stop_token_ids
+from branchmerge.models.lm.generation import completion, generate, generate_ids, nucleus, prompt_ids, shared_prefix_len
+from branchmerge.models.lm.hf import joined_gguf, load_model, load_tokenizer, materialize_model, tiny_model_folder
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 CONVS = [

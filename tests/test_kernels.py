@@ -11,7 +11,7 @@ rounding to nearest even, so it cannot reproduce torch's bfloat16 results.
 import pytest
 import torch
 
-from kernels import merge as km
+from branchmerge.kernels import merge as km
 from tests.triton_interpreter import rerun_in_triton_interpreter
 
 INTERPRETER = km.interpreted()
@@ -113,7 +113,7 @@ def test_weights_summing_to_zero_do_not_divide(device):
 @pytest.mark.skipif(INTERPRETER, reason="a CPU reference check")
 def test_dare_drop_equals_its_formula():
     """sparsify.bernoulli (through drop_rescale's reference on CPU) against the formula written out."""
-    from models.merging.methods import sparsify as sp
+    from branchmerge.models.merging.methods import sparsify as sp
 
     delta = torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
     keep = (torch.rand(delta.shape, generator=torch.Generator().manual_seed(5)) < 0.3).float()
@@ -129,7 +129,7 @@ def test_dare_drop_equals_its_formula():
 @pytest.mark.parametrize("rescale", [None, "l1", "inverse_p"])
 def test_dare_and_della_run_the_kernel_like_the_reference(device, dtype, rescale, monkeypatch):
     """The merge methods' drops (models/merging/methods/sparsify.py) on the Triton path equal the reference path."""
-    from models.merging.methods import sparsify as sp
+    from branchmerge.models.merging.methods import sparsify as sp
 
     for shape in ((7,), (33, 65)):
         delta = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels import linear_ce as lc
+from branchmerge.kernels import linear_ce as lc
 from tests.triton_interpreter import rerun_in_triton_interpreter
 
 INTERPRETER = lc.interpreted()
@@ -184,7 +184,7 @@ def _hidden_and_logits(model, ids):
 
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_shifted_loss_equals_masked_lm_loss(tiny_llama, impl, device, monkeypatch):
-    from models.training.sft import masked_lm_loss
+    from branchmerge.models.training.sft import masked_lm_loss
 
     monkeypatch.setenv(lc.ENV, impl)
     model = tiny_llama.to(device)
@@ -209,7 +209,7 @@ def test_shifted_loss_equals_masked_lm_loss(tiny_llama, impl, device, monkeypatc
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_selective_logprobs_equal_grpo(tiny_llama, impl, device, monkeypatch):
     """models.training.grpo.selective_logprobs's numbers: log softmax(logits / T) of the last K tokens."""
-    from models.training.grpo import logprobs_from_logits
+    from branchmerge.models.training.grpo import logprobs_from_logits
 
     monkeypatch.setenv(lc.ENV, impl)
     model = tiny_llama.to(device)
@@ -276,7 +276,7 @@ def test_reference_never_materialises_the_logits():
 # The switch itself (kernels/dispatch.py) is tested in tests/test_kernels.py.
 
 def test_dispatch_is_the_shared_switch():
-    from kernels import dispatch
+    from branchmerge.kernels import dispatch
 
     assert lc.backend is dispatch.backend
 

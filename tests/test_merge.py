@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.merging.checkpoint import Checkpoint
-from models.merging.config import MergeConfigError
-from models.merging.registry import METHODS, method_names
-from models.merging.run import run_merge
-from models.merging.values import layer_t, resolve, tensor_generator
+from branchmerge.models.merging.checkpoint import Checkpoint
+from branchmerge.models.merging.config import MergeConfigError
+from branchmerge.models.merging.registry import METHODS, method_names
+from branchmerge.models.merging.run import run_merge
+from branchmerge.models.merging.values import layer_t, resolve, tensor_generator
 
 REQUIRED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 EXTRA = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nearswap", "sce",
@@ -72,7 +72,7 @@ def ref_l1(delta, kept):
 def test_registry_has_all_methods():
     assert set(REQUIRED + EXTRA) <= set(method_names())
     with pytest.raises(MergeConfigError, match=r"unknown method 'tie'.*registered: .*dare_ties.*ties"):
-        from models.merging.registry import get_method
+        from branchmerge.models.merging.registry import get_method
         get_method("tie")
 
 
@@ -671,7 +671,7 @@ def test_checkpoint_reads_what_safetensors_wrote(tmp_path):
                                          ((4, 333, 7), torch.bfloat16), ((1, 50), torch.float32),
                                          ((5, 999), torch.float16)])
 def test_population_variance_is_torch_var_bit_for_bit(shape, dtype):
-    from models.merging.methods.sce import population_variance
+    from branchmerge.models.merging.methods.sce import population_variance
 
     g = torch.Generator().manual_seed(sum(shape))
     d = (0.01 * torch.randn(shape, generator=g)).to(dtype)
@@ -686,7 +686,7 @@ def test_population_variance_is_torch_var_bit_for_bit(shape, dtype):
 def test_argsort_magnitudes_is_torch_argsort_including_ties(descending, shape, dim):
     """The integer-view sort keeps mergekit's (torch.argsort's) order among equal magnitudes: the trims then
     keep the same entries. Quantised values give many ties; zeros included."""
-    from models.merging.methods.sparsify import argsort_magnitudes
+    from branchmerge.models.merging.methods.sparsify import argsort_magnitudes
 
     g = torch.Generator().manual_seed(len(shape))
     w = ((torch.randn(shape, generator=g) * 100).round() / 100).abs()

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models.merging.methods.arcee_fusion as fusion_module
-from models.merging.config import MergeConfigError
-from models.merging.registry import METHODS
-from models.merging.run import run_merge
-from models.merging.values import tensor_generator
+import branchmerge.models.merging.methods.arcee_fusion as fusion_module
+from branchmerge.models.merging.config import MergeConfigError
+from branchmerge.models.merging.registry import METHODS
+from branchmerge.models.merging.run import run_merge
+from branchmerge.models.merging.values import tensor_generator
 from tests.test_merge import rand
 
 

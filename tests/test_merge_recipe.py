@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from models.merging.config import MergeConfigError
-from models.merging.recipe import load_recipe, plan_recipe, run_recipe
-from models.merging.run import run_merge
+from branchmerge.models.merging.config import MergeConfigError
+from branchmerge.models.merging.recipe import load_recipe, plan_recipe, run_recipe
+from branchmerge.models.merging.run import run_merge
 from tests.test_merge import tiny_llama, weights
 
 
@@ -128,20 +128,20 @@ def test_cli_is_a_drop_in_for_mergekit_yaml(zoo, tmp_path):
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(
         {"merge_method": "linear", "models": [{"model": "m", "parameters": {"weight": 1}}, {"model": str(zoo["code"])}],
          "parameters": {"weight": 1.0}}))
-    done = subprocess.run([sys.executable, "-m", "models.merging", str(tmp_path / "cfg.yml"), str(tmp_path / "out"),
+    done = subprocess.run([sys.executable, "-m", "branchmerge.models.merging", str(tmp_path / "cfg.yml"), str(tmp_path / "out"),
                            "--model", f"m={zoo['math']}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     out, m, c = weights(tmp_path / "out"), weights(zoo["math"]), weights(zoo["code"])
     for name in out:
         torch.testing.assert_close(out[name], (m[name] + c[name]) / 2, msg=name)
-    bad = subprocess.run([sys.executable, "-m", "models.merging", str(tmp_path / "cfg.yml"), str(tmp_path / "o2")],
+    bad = subprocess.run([sys.executable, "-m", "branchmerge.models.merging", str(tmp_path / "cfg.yml"), str(tmp_path / "o2")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "models[0].model: 'm' is not an earlier step" in bad.stderr
     assert not (tmp_path / "o2").exists()
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "models.merging", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "branchmerge.models.merging", *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_never_writes_into_a_users_folder_without_overwrite(zoo, tmp_path):

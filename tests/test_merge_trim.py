@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from models.merging.checkpoint import Checkpoint
-from models.merging.config import MergeConfigError
-from models.merging.global_trim import kept_counts
-from models.merging.run import run_merge
+from branchmerge.models.merging.checkpoint import Checkpoint
+from branchmerge.models.merging.config import MergeConfigError
+from branchmerge.models.merging.global_trim import kept_counts
+from branchmerge.models.merging.run import run_merge
 from tests.test_merge import ref_combine, tiny_llama, weights
 
 

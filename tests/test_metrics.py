@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from models.eval.metrics import majority_score, paired, pass_at_k, summarize, wilson
+from branchmerge.models.eval.metrics import majority_score, paired, pass_at_k, summarize, wilson
 
 
 @pytest.mark.parametrize("n, correct, k", [(4, 0, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (6, 3, 6), (6, 5, 2)])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from models.data.mixing import (
+from branchmerge.models.data.mixing import (
     close_cluster_groups,
     cluster_alignment,
     embed_texts,

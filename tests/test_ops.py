@@ -76,7 +76,7 @@ def test_bad_override_fails_before_compute(tmp_path, override, fragment):
 
 
 def test_dvc_yaml_is_generated_from_the_stage_registry():
-    from flows.stage import REGENERATE, dvc_yaml
+    from branchmerge.flows.stage import REGENERATE, dvc_yaml
 
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), f"dvc.yaml is out of date: run `{REGENERATE}`"
 
@@ -189,7 +189,7 @@ def test_deployment_registers_nightly_schedule(prefect_server):
     schema = dep["parameter_openapi_schema"]
     assert "config" in schema["properties"] and "PipelineConfig" in json.dumps(schema)
     # ... with conf/'s value and a description for every key, and choices as selects
-    from flows.config import compose
+    from branchmerge.flows.config import compose
 
     default = schema["properties"]["config"]["default"]
     assert default == json.loads(compose([]).model_dump_json())

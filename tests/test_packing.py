@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.data.packing import IGNORE_INDEX, block_causal_mask, pack_examples, packed_collate, packed_model_inputs
-from models.training.sft import masked_lm_loss, pad_collate, train_sft
+from branchmerge.models.data.packing import IGNORE_INDEX, block_causal_mask, pack_examples, packed_collate, packed_model_inputs
+from branchmerge.models.training.sft import masked_lm_loss, pad_collate, train_sft
 from tests.test_sft import sft_config, varied_examples
 
 PAD = 0

@@ -18,7 +18,7 @@ MODEL = "branchmerge-pipeline-test"
 
 
 def run(store, *overrides):
-    from flows.pipeline import branchmerge
+    from branchmerge.flows.pipeline import branchmerge
 
     # a registered model of this module's own: other modules' tiny runs share the session's MLflow database
     result = branchmerge(overrides=["experiment=tiny", f"run.store={store}", f"tracking.registered_model={MODEL}",
@@ -127,7 +127,7 @@ def test_merge_method_change_reruns_only_downstream(store, first):
 
 
 def test_recipe_merge_reuses_branches_and_equals_the_recipe_run_by_hand(store, first, tmp_path):
-    from models.merging.recipe import load_recipe, run_recipe
+    from branchmerge.models.merging.recipe import load_recipe, run_recipe
 
     fused = run(store, "merge=recipe")  # conf/merge/recipes/tinyr1.yml: two arcee_fusion steps
     st = statuses(fused)
@@ -215,7 +215,7 @@ def test_bad_recipe_fails_before_any_compute(tmp_path):
 
 def test_a_bad_merge_parameter_fails_before_compute_on_a_warm_store(store, first):
     """It used to be checked only when the mix stage was not cached: here three branches trained first."""
-    from flows.schema import ConfigError
+    from branchmerge.flows.schema import ConfigError
 
     before = sorted(p.name for p in Path(store).glob("sft/*/*"))
     with pytest.raises(ConfigError, match=r"merge.parameters=\{'weight': 'abc'"):
@@ -292,18 +292,18 @@ def test_two_stores_of_one_config_have_equal_keys_and_digests_and_a_wiped_store_
 def test_refresh_then_plain_reuses_the_new_upstream(store, first, monkeypatch):
     """A refreshed stage whose content changed gets a new digest; the next plain run must use it (Prefect's result
     cache from the first run must not hand back the old reference) and the branches built on it."""
-    import tasks.teacher
+    from branchmerge.tasks import teacher
 
-    real = tasks.teacher.build
+    real = teacher.build
 
     def other_content(job, out, logger=None):
         meta = real(job, out, logger=logger)
         (out / "note.txt").write_text("rebuilt with other content")
         return meta
 
-    monkeypatch.setattr(tasks.teacher, "build", other_content)
+    monkeypatch.setattr(teacher, "build", other_content)
     refreshed = run(store, "run.refresh=[teacher]")
-    monkeypatch.setattr(tasks.teacher, "build", real)
+    monkeypatch.setattr(teacher, "build", real)
     new = refreshed["stages"]["teacher"]["digest"]
     assert new != first["stages"]["teacher"]["digest"] and statuses(refreshed)["sft/gcd"] == "computed"
 

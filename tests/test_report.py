@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from models.eval.report import (
+from branchmerge.models.eval.report import (
     domains_of,
     results_bar_chart,
     results_table_markdown,

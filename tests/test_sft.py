@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.lm.chat import end_of_turn_text
-from models.training.config import SFTConfig
-from models.training.sft import IGNORE_INDEX, length_batches, masked_lm_loss, tokenize_example, train_sft
+from branchmerge.models.lm.chat import end_of_turn_text
+from branchmerge.models.training.config import SFTConfig
+from branchmerge.models.training.sft import IGNORE_INDEX, length_batches, masked_lm_loss, tokenize_example, train_sft
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 6 times 7?"}]
 COMPLETION = "6 * 7 = 42, so the answer is <answer>42</answer>."

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.training.config import SFTConfig
-from models.training.recipes import curriculum_stages, dmt_stages, recipe_stages, train_recipe
-from models.training.sft import SFTModule, pad_collate, reference_logps, tokenize_example, train_sft
-from models.training.toolkit import CHECKPOINT
+from branchmerge.models.training.config import SFTConfig
+from branchmerge.models.training.recipes import curriculum_stages, dmt_stages, recipe_stages, train_recipe
+from branchmerge.models.training.sft import SFTModule, pad_collate, reference_logps, tokenize_example, train_sft
+from branchmerge.models.training.toolkit import CHECKPOINT
 from tests.test_sft import SETTINGS, sft_config, varied_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +38,8 @@ def assert_same_weights(a, b):
 
 KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
-    from models.training import sft
-    from models.training.config import SFTConfig
+    from branchmerge.models.training import sft
+    from branchmerge.models.training.config import SFTConfig
 
     model_dir, out, checkpoints, kill_at, settings = sys.argv[1:6]
     kill_at, settings = int(kill_at), json.loads(settings)
@@ -262,7 +262,7 @@ def test_train_recipe_chains_stages_and_skips_finished_ones(tiny_model_dir, tmp_
 
     # a rerun (after a crash in stage 2) reuses the finished stage 1 instead of training it again
     calls = []
-    import models.training.recipes as recipes
+    import branchmerge.models.training.recipes as recipes
 
     real = recipes.train_sft
     recipes.train_sft = lambda cfg, model_dir, ex, out_dir, **kw: calls.append(str(model_dir)) or real(
@@ -278,8 +278,8 @@ def test_train_recipe_chains_stages_and_skips_finished_ones(tiny_model_dir, tmp_
 
 
 def test_sft_task_reads_general_data_and_pass_rates(tmp_path):
-    from tasks.common import write_jsonl
-    from tasks.sft import general_examples, pass_rates
+    from branchmerge.tasks.common import write_jsonl
+    from branchmerge.tasks.sft import general_examples, pass_rates
 
     write_jsonl(tmp_path / "sft.jsonl", [{"id": "a1", "domain": "a"}, {"id": "b1", "domain": "b"},
                                          {"id": "c1", "domain": "c"}])
@@ -291,8 +291,8 @@ def test_sft_task_reads_general_data_and_pass_rates(tmp_path):
 
 
 def test_execute_deletes_the_scratch_folder_once_sealed(tmp_path):
-    from tasks.common import Job, execute
-    from tasks.store import Store
+    from branchmerge.tasks.common import Job, execute
+    from branchmerge.tasks.store import Store
 
     job = Job(stage="s", key="k1", store=str(tmp_path), refresh=False, config={}, upstream={})
     scratch = Store(tmp_path).scratch("s", "k1")

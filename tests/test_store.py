@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common import execute, make_job
-from tasks.store import MANIFEST, Store, stable_hash
+from branchmerge.tasks.common import execute, make_job
+from branchmerge.tasks.store import MANIFEST, Store, stable_hash
 
 
 def _job(tmp_path, config=None, refresh=False):
-    return make_job("demo/x", config or {"a": 1}, {}, "tasks.store", str(tmp_path), refresh)
+    return make_job("demo/x", config or {"a": 1}, {}, "branchmerge.tasks.store", str(tmp_path), refresh)
 
 
 def _build(calls):
@@ -158,7 +158,7 @@ def test_two_threads_build_an_artifact_once(tmp_path):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from tasks.store import Store
+    from branchmerge.tasks.store import Store
     store, key = Store(sys.argv[1]), sys.argv[2]
     with store.lock("demo/x", key):
         (store.root / "demo/x" / f".tmp-{key}-deadbeef").mkdir(parents=True)  # a half-written artifact
@@ -209,13 +209,13 @@ def test_a_model_with_non_finite_weights_is_never_sealed(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from tasks.common import StageError
+    from branchmerge.tasks.common import StageError
 
     def nan_model(job, out):
         save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, out / "model.safetensors")
         return {}
 
-    job = make_job("merge", {"a": 1}, {}, "tasks.store", str(tmp_path), False, hint="merge.parameters")
+    job = make_job("merge", {"a": 1}, {}, "branchmerge.tasks.store", str(tmp_path), False, hint="merge.parameters")
     with pytest.raises(StageError, match=r"merge: refusing to seal a model with non-finite weights "
                                          r"\(model.safetensors: b\); look at merge.parameters"):
         execute(job, nan_model)

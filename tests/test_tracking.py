@@ -7,13 +7,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from flows.tracking import Tracker
+from branchmerge.flows.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 
 KILLED_PIPELINE = textwrap.dedent("""
     import sys, time
-    from flows.tracking import Tracker
+    from branchmerge.flows.tracking import Tracker
     tracker = Tracker(True, sys.argv[1], "killed")
     tracker.start("doomed", {"a": 1}, {})
     tracker.stage_run("sft/gcd", {"lr": 1}).result()
@@ -55,7 +55,7 @@ def test_a_failed_flow_ends_its_open_stage_runs(tmp_path):
     tracker.start("broken", {}, {})
     done = tracker.stage_run("mix", {})
     tracker.stage_run("sft/gcd", {})  # never finished: its stage raised
-    from tasks.store import ArtifactRef
+    from branchmerge.tasks.store import ArtifactRef
 
     tracker.finish_stage(done, ArtifactRef(stage="mix", key="k", path="/p", digest="d"))
     tracker.finish({}, [], status="FAILED")
@@ -66,7 +66,7 @@ def test_a_failed_flow_ends_its_open_stage_runs(tmp_path):
 
 
 def test_champion_moves_only_on_a_significant_paired_win():
-    from flows.tracking import champion_decision
+    from branchmerge.flows.tracking import champion_decision
 
     def rows(scores):
         return [{"id": f"q{i}", "domain": "d", "score": s, "answer": "1", "num_tokens": 3} for i, s in enumerate(scores)]

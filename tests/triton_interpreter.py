@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from kernels.dispatch import ENV
+from branchmerge.kernels.dispatch import ENV
 
 
 def rerun_in_triton_interpreter(test_file: str) -> None:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from models.cache import cached_json
-from models.settings import Settings
+from branchmerge.models.cache import cached_json
+from branchmerge.models.settings import Settings
 
 # Set per item by the mix stage (data.seed, pool size): a task config that sets them would be overridden.
 MANAGED_TASK_KEYS = ("seed", "size")

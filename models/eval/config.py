@@ -8,7 +8,7 @@ from pydantic import Field
 
 from typing import Any
 
-from models.lm.config import Dtype, GenerationBackend
+from branchmerge.models.lm.config import Dtype, GenerationBackend
 
 
 class EvalConfig(GenerationBackend):

@@ -35,7 +35,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
-from models.lm.config import GenerationBackend
+from branchmerge.models.lm.config import GenerationBackend
 
 log = logging.getLogger("branchmerge")
 
@@ -48,13 +48,13 @@ class HF:
     """Our engine in this process (models/lm/generation.py), on the model folder in `dtype`."""
 
     def __init__(self, cfg: GenerationBackend, *, model_dir: str, dtype: str, batch_size: int, **_: Any):
-        from models.lm.hf import load_model, load_tokenizer
+        from branchmerge.models.lm.hf import load_model, load_tokenizer
 
         self.model, self.tokenizer, self.batch_size = load_model(model_dir, dtype), load_tokenizer(model_dir), batch_size
 
     def generate(self, conversations: list[list[dict]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int, desc: str) -> list[list[dict]]:
-        from models.lm import generation
+        from branchmerge.models.lm import generation
 
         return generation.generate(self.model, self.tokenizer, conversations, n=n, temperature=temperature,
                                    top_p=top_p, max_new_tokens=max_new_tokens, batch_size=self.batch_size,

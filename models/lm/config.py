@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.settings import Settings
+from branchmerge.models.settings import Settings
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 SOURCE_FIELDS = {  # the fields each kind of model source needs

@@ -32,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from models.lm.chat import stop_token_ids
+from branchmerge.models.lm.chat import stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM
 
-from models.cache import cache_root
-from models.lm.config import check_source
-from models.lm.chat import stop_token_ids
+from branchmerge.models.cache import cache_root
+from branchmerge.models.lm.config import check_source
+from branchmerge.models.lm.chat import stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.settings import Settings
+from branchmerge.models.settings import Settings
 
 if TYPE_CHECKING:
     import torch

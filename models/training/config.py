@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.lm.config import Dtype
-from models.settings import Settings
+from branchmerge.models.lm.config import Dtype
+from branchmerge.models.settings import Settings
 
 Precision = Literal["32-true", "bf16-mixed"]
 

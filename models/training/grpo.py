@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
-from models.lm.chat import stop_token_ids
-from models.lm.generation import generate_ids, left_padded, prompt_ids
-from models.lm.hf import save_model_folder
-from models.training import DivergedError
-from models.training.config import RLConfig
-from models.training.toolkit import (
+from branchmerge.kernels.linear_ce import DEFAULT_CHUNK_SIZE, chunked_linear_logprobs
+from branchmerge.models.lm.chat import stop_token_ids
+from branchmerge.models.lm.generation import generate_ids, left_padded, prompt_ids
+from branchmerge.models.lm.hf import save_model_folder
+from branchmerge.models.training import DivergedError
+from branchmerge.models.training.config import RLConfig
+from branchmerge.models.training.toolkit import (
     check_finite_weights,
     guard_loss,
     load_for_training,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from models.cache import cached_json
-from models.lm.config import ModelConfig
-from models.training.config import LoraConfig
+from branchmerge.models.cache import cached_json
+from branchmerge.models.lm.config import ModelConfig
+from branchmerge.models.training.config import LoraConfig
 
 
 def check_lora_targets(lora: LoraConfig, student: ModelConfig) -> None:
@@ -28,7 +28,7 @@ def check_lora_targets(lora: LoraConfig, student: ModelConfig) -> None:
 def module_names(model: ModelConfig) -> list[str]:
     """Every module name of the model `model.source` describes, from its config alone (a meta-device model, no
     weights); remembered in the cache folder per source (reading a GGUF's config takes seconds)."""
-    from models.lm.hf import source_identity
+    from branchmerge.models.lm.hf import source_identity
 
     key = hashlib.sha256(json.dumps(source_identity(model.source), sort_keys=True).encode()).hexdigest()[:16]
     return cached_json(f"module-names-{key}.json", lambda: _module_names(model.source))
@@ -38,7 +38,7 @@ def _module_names(source: dict) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from models.lm.hf import architecture_config
+    from branchmerge.models.lm.hf import architecture_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(architecture_config(source))

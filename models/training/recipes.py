@@ -23,8 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from models.training.config import SFTConfig
-from models.training.sft import train_sft
+from branchmerge.models.training.config import SFTConfig
+from branchmerge.models.training.sft import train_sft
 
 DONE = "stage_metrics.json"  # written last into a finished intermediate stage's model folder
 

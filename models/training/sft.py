@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kernels.linear_ce import chunked_linear_logprobs, shifted_linear_cross_entropy
-from models.data.packing import IGNORE_INDEX, pack_examples, packed_collate, packed_model_inputs
-from models.lm.chat import end_of_turn_text
-from models.lm.hf import save_model_folder
-from models.training.config import SFTConfig
-from models.training.toolkit import (
+from branchmerge.kernels.linear_ce import chunked_linear_logprobs, shifted_linear_cross_entropy
+from branchmerge.models.data.packing import IGNORE_INDEX, pack_examples, packed_collate, packed_model_inputs
+from branchmerge.models.lm.chat import end_of_turn_text
+from branchmerge.models.lm.hf import save_model_folder
+from branchmerge.models.training.config import SFTConfig
+from branchmerge.models.training.toolkit import (
     StepCheckpoint,
     check_finite_weights,
     guard_loss,

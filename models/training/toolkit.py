@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from models.training import DivergedError
-from models.training.config import LoraConfig
+from branchmerge.models.training import DivergedError
+from branchmerge.models.training.config import LoraConfig
 
 log = logging.getLogger(__name__)
 

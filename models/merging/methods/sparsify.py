@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from kernels.merge import drop_rescale
+from branchmerge.kernels.merge import drop_rescale
 
 Rescale = Literal["l1", "inverse_p"] | None
 

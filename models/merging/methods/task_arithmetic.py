@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from kernels.merge import sign_elect_disjoint_mean
+from branchmerge.kernels.merge import sign_elect_disjoint_mean
 
 from . import sparsify as sp
 from .base import MergeMethod, Params
