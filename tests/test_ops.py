@@ -51,6 +51,14 @@ def test_hydra_multirun_sweep_shares_upstream(tmp_path):
         row = rows[(f"merge.method={summary['config']['merge']['method']}", "merged")]
         assert row["overall"] == {"mean": summary["overall"]["merged"], "std": 0.0} and row["jobs"] == 1
     assert "comparison:" in proc.stdout and (tmp_path / "multirun" / "comparison.png").exists()
+    # a quiet terminal: the pipeline's lines, no third-party chatter; each job ends saying where things are
+    terminal = proc.stdout + proc.stderr
+    for noise in ("litlogger", "GPU available", "FutureWarning", "DeprecationWarning", "Starting temporary server",
+                  "Using bfloat16", "v_num", "prefect.task_runs"):
+        assert noise not in terminal, noise
+    for end in ("final model: ", "report:      ", "summary:     ", "log:         ", "mlflow:      mlflow ui"):
+        assert terminal.count(end) == 2, end
+    assert terminal.count("results (greedy pass@1") == 2  # the table once per job
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
