@@ -261,7 +261,10 @@ def test_a_killed_teacher_resumes_asking_only_what_is_missing(server, store, tmp
         proxy.close()
 
 
-def test_a_server_that_is_down_fails_naming_the_url_after_the_retries_and_seals_nothing(store):
+def test_a_server_that_is_down_fails_naming_the_url_after_the_retries_and_seals_nothing(tmp_path):
+    # its own store: the module's store may hold this very artifact, built through a live server (same served model
+    # and sampling: the same key whatever the URL), and would rightly reuse it
+    store = tmp_path
     url = f"http://127.0.0.1:{free_port()}"
     cfg = compose([*TINY, f"run.store={store}",
                    *openai(url, "teacher.openai.retries=2", "teacher.openai.backoff_s=0.05")])
