@@ -23,7 +23,7 @@ for _var, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGI
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.context import TaskRunContext  # noqa: E402
+from prefect.context import TaskRunContext, get_run_context  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
@@ -204,9 +204,10 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     markdown = (Path(report_ref.path) / "results.md").read_text()
     run_dir = unique_run_dir(Path(cfg.run.store) / "runs", cfg.run.name)
     overall = {name: sum(scores.values()) / len(scores) for name, scores in results.items()}
+    cost = training_cost(cfg, stages.records)
     summary = {"name": cfg.run.name, "seconds": round(time.perf_counter() - started, 3),
                "stages": stages.records, "results": results, "overall": overall, "intervals": intervals,
-               "comparisons": report_ref.meta["comparisons"], "training_cost": training_cost(cfg, stages.records),
+               "comparisons": report_ref.meta["comparisons"], "training_cost": cost,
                "teacher": refs["teacher"].meta.get("domains"), "report": report_ref.path,
                "mlflow_run_id": tracker.parent_id, "config": cfg.model_dump()}
     summary_path = run_dir / "summary.json"
@@ -217,19 +218,22 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     create_markdown_artifact(key="branchmerge-report", markdown=markdown + f"\n\nsummary: `{summary_path}`\n")
     ci = {f"pass_at_1_ci_{end}.{name}": bounds["overall"][i] for name, bounds in intervals.items()
           for i, end in enumerate(("low", "high"))}
-    final_name = "rl" if "rl" in refs else "merge"
+    # the final model: rl's, else the merged one (its artifact, its evaluation, the dtype it was saved in)
+    final_stage, final_eval, final_dtype = (("rl", "eval/rl", cfg.rl.save_dtype) if "rl" in refs
+                                            else ("merge", "eval/merged", cfg.merge.out_dtype))
+    final = refs[final_stage]
     model = None
-    if cfg.tracking.registered_model and stages.records[refs[final_name].stage]["status"] == "computed":
-        generations = Path(refs[f"eval/{'rl' if final_name == 'rl' else 'merged'}"].path) / "generations.jsonl"
-        model = FinalModel(name=cfg.tracking.registered_model, path=refs[final_name].path, stage=final_name,
+    if cfg.tracking.registered_model and stages.records[final.stage]["status"] == "computed":
+        generations = Path(refs[final_eval].path) / "generations.jsonl"
+        model = FinalModel(name=cfg.tracking.registered_model, path=final.path, dtype=final_dtype, stage=final_stage,
                            generations=str(generations), eval_set=eval_set_hash(generations))
+    rows_with_intervals = [row | {f"{col}_ci_{end}": bounds[i] for col, bounds in intervals[row["model"]].items()
+                                  for i, end in enumerate(("low", "high"))} for row in table_rows(results)]
     decision = tracker.finish(
         {f"pass_at_1.{name}": v for name, v in overall.items()} | ci,
         [str(summary_path), str(Path(report_ref.path) / "results.md"), str(Path(report_ref.path) / "results.png")],
         tags={f"stage.{stage}": rec["status"] for stage, rec in stages.records.items()},
-        tables={"results.json": [row | {f"{col}_ci_{end}": bounds[i] for col, bounds in intervals[row["model"]].items()
-                                        for i, end in enumerate(("low", "high"))} for row in table_rows(results)]},
-        model=model)
+        tables={"results.json": rows_with_intervals}, model=model)
     reused = sum(r["status"] == "reused" for r in stages.records.values())
     logger.info("stages: %d computed, %d reused", len(stages.records) - reused, reused)
     prompts = report_ref.meta["prompts"]
@@ -237,14 +241,11 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
                 ", ".join(f"{d} {n}" for d, n in prompts.items()), table)
     for c in report_ref.meta["comparisons"]:
         logger.info("%s - %s: %+.3f [%+.3f, %+.3f], p = %.3f", c["a"], c["b"], c["difference"], *c["ci"], c["p"])
-    if cost := training_cost(cfg, stages.records):
+    if cost:
         logger.info("training cost: %s", cost)
     if decision:
         logger.info("mlflow model %s", decision)
     logger.info("summary: %s", summary_path)
-    final = refs["rl"] if "rl" in refs else refs["merge"]
-    from prefect.context import get_run_context
-
     return {"summary": str(summary_path), "overall": overall, "results": results, "table": table,
             "report": report_ref.path, "final_model": final.path,
             "flow_run_id": str(get_run_context().flow_run.id)}

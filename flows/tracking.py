@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -190,8 +191,8 @@ class Tracker:
 
 
 class FinalModel(dict):
-    """What `finish` registers: {"name": registered model, "path": HF folder, "stage": its artifact,
-    "generations": its eval's generations.jsonl, "eval_set": hash of the held-out prompts}."""
+    """What `finish` registers: {"name": registered model, "path": HF folder, "dtype": its weights' dtype,
+    "stage": its artifact, "generations": its eval's generations.jsonl, "eval_set": hash of the held-out prompts}."""
 
 
 def git_commit() -> str | None:
@@ -231,12 +232,12 @@ def champion_decision(new: list[dict], champion: list[dict] | None, champion_set
 def register(client, uri: str, run_id: str, model: FinalModel) -> str:
     """Log the model folder as an MLflow transformers model of the run, register it as a new version of
     model["name"], and move the `champion` alias to it if it beats the current champion; returns the decision."""
-    import logging
-
     import mlflow
     import torch
     import transformers
     from mlflow.exceptions import MlflowException
+
+    from branchmerge.models.lm.hf import load_model, load_tokenizer
 
     # a local checkpoint path trips mlflow 3.17 on transformers 5 (pipeline classes are strings there): log the
     # loaded components; quiet: no loading / writing bars, no "model card" / "license" warnings for a local model
@@ -245,8 +246,7 @@ def register(client, uri: str, run_id: str, model: FinalModel) -> str:
     mlflow_logger.setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     try:
-        components = {"model": transformers.AutoModelForCausalLM.from_pretrained(model["path"]),
-                      "tokenizer": transformers.AutoTokenizer.from_pretrained(model["path"])}
+        components = {"model": load_model(model["path"], model["dtype"]), "tokenizer": load_tokenizer(model["path"])}
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):  # the fluent API is thread-local: this writer thread only
             info = mlflow.transformers.log_model(
