@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from branchmerge.models.lm.chat import stop_token_ids
-from branchmerge.models.lm.generation import completion, generate, generate_ids, nucleus, prompt_ids, shared_prefix_len
+from branchmerge.models.lm.generation import (completion, generate, generate_ids, nucleus, prefill_groups, prompt_ids,
+                                              shared_prefix_len)
 from branchmerge.models.lm.hf import joined_gguf, load_model, load_tokenizer, materialize_model, tiny_model_folder
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -127,7 +128,14 @@ def test_greedy_matches_transformers_generate_while_rows_join_and_leave(tmp_path
     path = tiny_model_folder(tmp_path / "varied", seed=0, dtype="float32", initializer_range=0.2, **TINY)
     model, tok = load_model(path, "float32"), load_tokenizer(path)
     convs = [[{"role": "user", "content": f"Question {i}: " + "more words " * (2 * i)}] for i in range(7)]
+    # and two families of prompts that share a long prefix (a few-shot example), as a task's prompts do: the
+    # prompts joining at once are prefilled in groups, each group sharing its own prefix
+    shots = ["Example: two plus two is four. " * 6, "Another example, with other words. " * 5]
+    convs += [[{"role": "system", "content": shots[i % 2]}, {"role": "user", "content": f"Q{i}: " + "x " * (i % 3)}]
+              for i in range(8)]
     prompts = prompt_ids(tok, convs)
+    groups = prefill_groups(sorted(prompts))
+    assert sum(len(g) > 1 for g in groups) >= 2 and len(groups) < len(prompts)
     kw = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0, progress=False)
     free = [c for (c,) in generate_ids(model, tok, prompts, batch_size=4, **kw)]
     # a token some completions emit after a few steps and others never: those rows end early, the rest run on
@@ -144,7 +152,7 @@ def test_greedy_matches_transformers_generate_while_rows_join_and_leave(tmp_path
                                  max_new_tokens=12, eos_token_id=stops, pad_token_id=tok.pad_token_id)
             expected.append(cut_at_stop(ref[0, len(prompt):].tolist(), stops))
         assert 1 < len({len(e) for e in expected}) and any(len(e) == 12 for e in expected)  # rows end apart
-        for batch_size in (1, 2, 3, 16):
+        for batch_size in (1, 2, 3, 8, 16):
             assert [c for (c,) in generate_ids(model, tok, prompts, batch_size=batch_size, **kw)] == expected
     finally:
         model.generation_config.eos_token_id = before
@@ -184,3 +192,16 @@ def test_shared_prefix_len():
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
     assert shared_prefix_len([[7, 1], [8, 1]]) == 0
+
+
+def test_prefill_groups_split_where_the_shared_prefix_ends():
+    """Prompts sharing a long prefix (one task's few-shot prompt) are prefilled together; a prompt of another
+    task starts a new group instead of shrinking the shared prefix to the system prompt for every row."""
+    head, shot_a, shot_b = [1] * 10, [2] * 100, [3] * 100
+    a = [head + shot_a + [10 + i] * (1 + i % 3) for i in range(4)]
+    b = [head + shot_b + [20 + i] * 2 for i in range(3)]
+    assert prefill_groups(a + b) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert prefill_groups([a[0]]) == [[0]]
+    # prompts that share nothing but a short head are cheaper read one call each than padded together
+    short = [head + [30 + i] * (40 * (i + 1)) for i in range(3)]
+    assert prefill_groups(short) == [[0], [1], [2]]
