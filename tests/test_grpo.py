@@ -332,7 +332,8 @@ class ToyReward:
 # Every RLConfig field, set for tests; tests change what they test.
 GRPO = dict(enabled=True, steps=2, prompts_per_step=2, num_generations=4, lr=1e-3, beta=0.04, epsilon=0.2,
             epsilon_high=0.28, loss_type="dapo", scale_rewards="group", max_new_tokens=8, temperature=1.0, top_p=0.95,
-            weight_decay=0.0, precision="32-true", save_dtype="float32", logprob_impl="plain")
+            weight_decay=0.0, precision="32-true", save_dtype="float32", logprob_impl="plain",
+            shared_prefix=False)
 
 
 def grpo(model_dir, reward, out, micro_batch_size=None, logger=None, **changes):
@@ -392,6 +393,21 @@ def test_train_grpo_chunked_logprobs_train_like_plain(tiny_model_dir, tmp_path):
     assert any(not torch.equal(before[k], plain[k]) for k in before)
     for name in plain:
         torch.testing.assert_close(chunked[name], plain[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_train_grpo_shared_prefix_changes_compute_not_results(tiny_model_dir, tmp_path):
+    # Each prompt read once for its completions (and the reference's too, beta != 0): the same losses, kl,
+    # entropy and weights as reading every row whole, up to float rounding.
+    runs = {shared: grpo(tiny_model_dir, ToyReward(), tmp_path / str(shared), temperature=0.7,
+                         logprob_impl="chunked", shared_prefix=shared)
+            for shared in (False, True)}
+    for whole, shared in zip(runs[False]["history"], runs[True]["history"], strict=True):
+        assert shared["reward"] == whole["reward"]
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
+            assert shared[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    whole, shared = (load_file(f"{tmp_path}/{s}/model.safetensors") for s in (False, True))
+    for name in whole:
+        torch.testing.assert_close(shared[name], whole[name], atol=1e-5, rtol=0, msg=name)
 
 
 def test_train_grpo_chunked_logprobs_run_under_bf16_autocast(tiny_model_dir, tmp_path):

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from branchmerge.models.training.config import SFTConfig
 from branchmerge.models.training.recipes import curriculum_stages, dmt_stages, recipe_stages, train_recipe
 from branchmerge.models.training.sft import SFTModule, pad_collate, reference_logps, tokenize_example, train_sft
-from branchmerge.models.training.toolkit import CHECKPOINT
+from branchmerge.models.training.toolkit import CHECKPOINT, decoder_hidden, shared_prefix_len
 from tests.test_sft import SETTINGS, sft_config, varied_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +147,75 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, tmp_p
     a, b = weights(tmp_path / "False"), weights(tmp_path / "True")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def few_shot_examples():
+    """Examples that share a long prompt prefix (a system prompt and a worked example), as one task's do."""
+    shot = [{"role": "system", "content": "Count as asked, numbers separated by spaces. " * 3},
+            {"role": "user", "content": "Count to 3."}, {"role": "assistant", "content": "1 2 3"}]
+    return [{"messages": shot + [{"role": "user", "content": f"Count to {n}."}],
+             "completion": " ".join(str(i) for i in range(1, n + 1))} for n in (2, 9, 4, 15, 6, 1, 11, 5)]
+
+
+def test_shared_prefix_len():
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 9, 9], [5, 6, 7, 8, 1]])
+    mask = torch.ones_like(ids)
+    assert shared_prefix_len(ids, mask) == 3
+    assert shared_prefix_len(ids[[0, 0]], mask[:2]) == 4  # identical rows keep one position of their own
+    mask[2, 1] = 0
+    assert shared_prefix_len(ids, mask) == 1  # the mask must agree too
+
+
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_decoder_hidden_with_shared_prefix_equals_the_whole_batch(tiny_model_dir, pad):
+    """States and gradients are those of the ordinary forward: right-padded SFT rows, and left-padded GRPO rows
+    (prompt + completion, positions from the mask) whose padding is shared too."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    prefix = torch.randint(5, 200, (40,)).tolist()
+    rests = [torch.randint(5, 200, (n,)).tolist() for n in (3, 9, 6)]
+    width = 40 + max(map(len, rests))
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, rest in enumerate(rests):
+        row = prefix + rest
+        span = slice(0, len(row)) if pad == "right" else slice(width - len(row), width)
+        ids[i, span], mask[i, span] = torch.tensor(row), 1
+    if pad == "left":  # GRPO's rows: [left-padded prompt | completion], the prompt (and its padding) shared
+        ids = torch.cat([torch.zeros(3, 4, dtype=torch.long), torch.tensor([prefix] * 3), torch.stack(
+            [torch.tensor([0] * (9 - len(r)) + r) for r in rests])], 1)
+        mask = torch.cat([torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 40, dtype=torch.long), torch.stack(
+            [torch.tensor([0] * (9 - len(r)) + [1] * len(r)) for r in rests])], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = None
+    assert shared_prefix_len(ids, mask) >= 40
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        hidden = decoder_hidden(model, ids, mask, positions, shared_prefix=shared)
+        real = hidden[mask.bool()]
+        (real.square().mean()).backward()
+        results.append((real.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prefix_changes_compute_not_results(tiny_model_dir, tmp_path):
+    runs = {shared: train_sft(sft_config(loss_impl="chunked", shared_prefix=shared, batch_size=4, max_steps=3),
+                              tiny_model_dir, few_shot_examples(), tmp_path / str(shared), seed=0, progress=False)
+            for shared in (False, True)}
+    assert runs[True]["loss_history"] == pytest.approx(runs[False]["loss_history"], rel=1e-5)
+    assert runs[True]["tokens"] == runs[False]["tokens"]  # the tokens trained on, not the tokens computed
+    a, b = weights(tmp_path / "False"), weights(tmp_path / "True")
+    for name in a:  # Adam turns a float-rounding difference in a near-zero gradient into up to ~1e-5 (lr 3e-3)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_shared_prefix_refuses_gradient_checkpointing():
+    with pytest.raises(ValueError, match="sft.shared_prefix=true .* set sft.gradient_checkpointing=false"):
+        sft_config(shared_prefix=True, gradient_checkpointing=True)
 
 
 # ----------------------------------------------------------------------------------------------- poft

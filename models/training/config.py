@@ -38,7 +38,8 @@ class SFTConfig(Settings):
     whichever ends first; `batch_size` rows per micro-batch, `grad_accum` micro-batches per step.
     Data: examples cut to `max_length` tokens; `packing` packs them whole into rows (batch_size counts rows).
     Numerics: `precision` (32-true | bf16-mixed autocast, float32 master weights), `loss_impl` (plain logits |
-    chunked: no [tokens, vocab] logits), `gradient_checkpointing`, weights saved in `save_dtype`.
+    chunked: no [tokens, vocab] logits), `gradient_checkpointing`, `shared_prefix` (a batch's common prompt prefix
+    read once), weights saved in `save_dtype`.
     `finetune`: full | lora (`lora` settings; adapters merged into the saved model).
     `checkpoint_every`: optimizer steps between resumable checkpoints (0: none).
     `loss`: nll | poft (PoFT: -log sigmoid(r_model - r_ref) against `poft_reference` = base | teacher, r per token
@@ -84,6 +85,9 @@ class SFTConfig(Settings):
     """LoRA settings, used when finetune=lora."""
     gradient_checkpointing: bool
     """Recompute activations in backward: less memory for some more time."""
+    shared_prefix: bool
+    """Read the prompt prefix a batch's rows share (system prompt, few-shot turns) once, not once per row
+    (loss_impl=chunked, unpacked batches; not with gradient_checkpointing)."""
     checkpoint_every: int = Field(ge=0)
     """Optimizer steps between resumable checkpoints (0: none); a rerun resumes from the last."""
     loss: Literal["nll", "poft"]
@@ -119,6 +123,10 @@ class SFTConfig(Settings):
     def _poft_scores_whole_examples(self) -> "SFTConfig":
         if self.loss == "poft" and self.packing:
             raise ValueError("sft.loss=poft scores whole examples: set sft.packing=false")
+        if self.shared_prefix and self.gradient_checkpointing:
+            raise ValueError("sft.shared_prefix=true reads the rows' rest against the shared prefix's KV cache, which "
+                             "transformers' checkpointed layers drop: set sft.gradient_checkpointing=false or "
+                             "sft.shared_prefix=false")
         return self
 
 
@@ -163,6 +171,9 @@ class RLConfig(Settings):
     """AdamW weight decay."""
     logprob_impl: Literal["plain", "chunked"]
     """plain, or chunked (log-probs and entropy without [B, K, V] logits; fused Triton kernel on CUDA)."""
+    shared_prefix: bool
+    """Read each prompt once for its num_generations completions in the update (logprob_impl=chunked), not once
+    per completion."""
     precision: Precision
     """32-true (float32) or bf16-mixed (bf16 autocast, float32 master weights)."""
     save_dtype: Dtype

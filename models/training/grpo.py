@@ -53,6 +53,7 @@ from branchmerge.models.training import DivergedError
 from branchmerge.models.training.config import RLConfig
 from branchmerge.models.training.toolkit import (
     check_finite_weights,
+    decoder_hidden,
     guard_loss,
     load_for_training,
     make_optimizer,
@@ -162,11 +163,18 @@ def completion_logits(model, input_ids, attention_mask, logits_to_keep: int) -> 
     return out.logits[:, :-1]  # the last position predicts the token after the sequence: drop it
 
 
-def completion_hidden(model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
-    """Last hidden states [B, K, H] that completion_logits passes to the lm_head (same positions and mask)."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=mask_position_ids(attention_mask), use_cache=False)
-    return out.last_hidden_state[:, -logits_to_keep - 1 : -1]
+def completion_hidden(model, input_ids, attention_mask, logits_to_keep: int, group_size: int = 0) -> torch.Tensor:
+    """Last hidden states [B, K, H] that completion_logits passes to the lm_head (same positions and mask).
+
+    group_size > 0: rows come in groups of that many completions of one prompt ([p0g0, p0g1, ..., p1g0, ...]);
+    each group's prompt is read once (toolkit.decoder_hidden), not once per completion."""
+    positions = mask_position_ids(attention_mask)
+    if group_size <= 0:
+        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                   use_cache=False).last_hidden_state[:, -logits_to_keep - 1 : -1]
+    groups = [slice(g, g + group_size) for g in range(0, input_ids.shape[0], group_size)]
+    return torch.cat([decoder_hidden(model, input_ids[g], attention_mask[g], positions[g], shared_prefix=True)
+                      [:, -logits_to_keep - 1 : -1] for g in groups])
 
 
 def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,11 +188,13 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float,
-                         impl: str = "plain", entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         impl: str = "plain", entropy: bool = True, group_size: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [B, K], entropy [B, K] or None) of the last K = logits_to_keep tokens under model at T.
 
     The log-probs carry the gradient, the entropy (a metric) does not. impl "plain" keeps the [B, K, V] logits;
-    "chunked" never builds them (kernels.linear_ce.chunked_linear_logprobs, entropy_from_hidden).
+    "chunked" never builds them (kernels.linear_ce.chunked_linear_logprobs, entropy_from_hidden) and, with
+    group_size, reads each prompt once for its group of completions (completion_hidden).
     """
     if impl not in ("plain", "chunked"):
         raise ValueError(f"logprob_impl={impl!r}: expected plain or chunked")
@@ -194,19 +204,19 @@ def logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep: int, 
         ent = entropy_from_logits(logits.detach(), temperature) if entropy else None
         return logprobs_from_logits(logits, ids, temperature), ent
     weight, bias = lm_head_params(model)
-    hidden = completion_hidden(model, input_ids, attention_mask, logits_to_keep)
+    hidden = completion_hidden(model, input_ids, attention_mask, logits_to_keep, group_size)
     ent = entropy_from_hidden(hidden.detach(), weight, bias, temperature) if entropy else None
     return chunked_linear_logprobs(hidden, weight, ids, temperature=temperature, bias=bias), ent
 
 
 def selective_logprobs(model, input_ids, attention_mask, logits_to_keep: int, *, temperature: float,
-                       impl: str = "plain") -> torch.Tensor:
+                       impl: str = "plain", group_size: int = 0) -> torch.Tensor:
     """Per-token log-probs [B, K] of the last K = logits_to_keep tokens of input_ids under model at temperature T.
 
     input_ids = [left-padded prompt | completion]; TRL divides the logits by the sampling temperature too.
     """
     return logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep, temperature=temperature,
-                                impl=impl, entropy=False)[0]
+                                impl=impl, entropy=False, group_size=group_size)[0]
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
@@ -359,13 +369,15 @@ class GRPOModule(L.LightningModule):
         for s in range(0, n, mb):
             rows = slice(s, min(s + mb, n))
             ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
+            # micro-batches hold whole groups when mb is a multiple of G (n always is): read each prompt once
+            group = cfg.num_generations if cfg.shared_prefix and mb % cfg.num_generations == 0 else 0
             logps, entropy = logprobs_and_entropy(self.model, ids, attn, K, temperature=cfg.temperature,
-                                                  impl=cfg.logprob_impl)
+                                                  impl=cfg.logprob_impl, group_size=group)
             ref = None
             if cfg.beta != 0.0:
                 with torch.no_grad():
                     ref = selective_logprobs(self.ref_model, ids, attn, K, temperature=cfg.temperature,
-                                             impl=cfg.logprob_impl)
+                                             impl=cfg.logprob_impl, group_size=group)
             loss, metrics = grpo_loss(
                 logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=cfg.epsilon,
                 epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,

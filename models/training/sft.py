@@ -56,6 +56,7 @@ from branchmerge.models.training.config import SFTConfig
 from branchmerge.models.training.toolkit import (
     StepCheckpoint,
     check_finite_weights,
+    decoder_hidden,
     guard_loss,
     load_for_training,
     make_optimizer,
@@ -276,7 +277,10 @@ class SFTModule(L.LightningModule):
                                             batch["labels"])
 
     def hidden(self, batch) -> torch.Tensor:
-        """The decoder's last hidden states [B, T, H]: what the LM head would project."""
+        """The decoder's last hidden states [B, T, H]: what the LM head would project (with shared_prefix, the
+        prefix the rows share read once: toolkit.decoder_hidden)."""
+        if self.cfg.shared_prefix and "position_ids" not in batch:
+            return decoder_hidden(self.model, batch["input_ids"], batch["attention_mask"], shared_prefix=True)
         return self.model.get_decoder()(**model_inputs(self.model, batch), use_cache=False).last_hidden_state
 
     def token_logps(self, batch) -> torch.Tensor:
