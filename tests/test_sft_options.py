@@ -174,21 +174,16 @@ def test_decoder_hidden_with_shared_prefix_equals_the_whole_batch(tiny_model_dir
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
     prefix = torch.randint(5, 200, (40,)).tolist()
     rests = [torch.randint(5, 200, (n,)).tolist() for n in (3, 9, 6)]
-    width = 40 + max(map(len, rests))
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, rest in enumerate(rests):
-        row = prefix + rest
-        span = slice(0, len(row)) if pad == "right" else slice(width - len(row), width)
-        ids[i, span], mask[i, span] = torch.tensor(row), 1
-    if pad == "left":  # GRPO's rows: [left-padded prompt | completion], the prompt (and its padding) shared
-        ids = torch.cat([torch.zeros(3, 4, dtype=torch.long), torch.tensor([prefix] * 3), torch.stack(
-            [torch.tensor([0] * (9 - len(r)) + r) for r in rests])], 1)
-        mask = torch.cat([torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 40, dtype=torch.long), torch.stack(
-            [torch.tensor([0] * (9 - len(r)) + [1] * len(r)) for r in rests])], 1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    else:
+    width = max(map(len, rests))
+    if pad == "right":  # SFT rows: [prompt prefix | own tokens][pads]
+        rows = [(prefix + r + [0] * (width - len(r)), [1] * (40 + len(r)) + [0] * (width - len(r))) for r in rests]
         positions = None
+    else:  # GRPO rows: [pads | shared prompt][pads | own tokens], positions from the mask
+        rows = [([0] * 4 + prefix + [0] * (width - len(r)) + r, [0] * 4 + [1] * 40 + [0] * (width - len(r)) + [1] * len(r))
+                for r in rests]
+    ids, mask = (torch.tensor([row[k] for row in rows]) for k in (0, 1))
+    if pad == "left":
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
     assert shared_prefix_len(ids, mask) >= 40
     results = []
     for shared in (False, True):
