@@ -239,6 +239,29 @@ def test_slerp_collinear_is_lerp(inputs):
     torch.testing.assert_close(out, 0.75 * base + 0.25 * 2 * base)
 
 
+def test_slerp_in_bfloat16_never_divides_zero_by_zero():
+    """The collinearity threshold is compared in float32 (in bf16 0.9995 rounds to 1.0, so parallel tensors took
+    the sin ratio and wrote NaN: issue 12)."""
+    a = torch.ones(64, dtype=torch.bfloat16)
+    out = METHODS["slerp"](a, [a], params={"t": 0.5})
+    assert out.dtype == torch.bfloat16 and torch.equal(out, a)
+    b = torch.linspace(-1, 1, 64, dtype=torch.bfloat16)
+    assert torch.isfinite(METHODS["slerp"](b, [b * 1.0001], params={"t": 0.3})).all()
+
+
+def test_slerp_on_tensors_over_a_million_elements_matches_float64():
+    """Norms and dot product in 1M-element chunks (mergekit 0.1.5's), against the formula in float64 (float32's
+    rounding over 2.5M-element sums moves the angle by ~1e-6 relative: the bound is float32's, not mergekit's)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2_500_000, generator=g) for _ in range(2))
+    b = 0.6 * a + 0.8 * b  # an angle well inside the slerp branch
+    out = METHODS["slerp"](a, [b], params={"t": 0.3})
+    a64, b64 = a.double(), b.double()
+    omega = torch.acos((a64 @ b64) / (a64.norm() * b64.norm()))
+    expected = (torch.sin(0.7 * omega) * a64 + torch.sin(0.3 * omega) * b64) / torch.sin(omega)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock(inputs, filter_wise):
     base, xs = inputs

@@ -9,24 +9,44 @@ class SlerpParams(Params):
     t: float
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8):
-    """Spherical interpolation of two whole tensors by the angle between them (flattened).
+# mergekit 0.1.5 takes slerp's norms and dot product in chunks of this many elements; the same chunks give the
+# same float32 sums (one pass differs by up to 2.5e-6 on tensors over 1M elements).
+SLERP_CHUNK = 1024 * 1024
 
-    Nearly (anti-)parallel tensors fall back to linear interpolation, where the sin ratio is unstable.
-    """
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    if a.numel() == 0:
-        return (1 - t) * v0 + t * v1
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)  # normalise first: no overflow
-    t = torch.tensor(t, dtype=dot.dtype)  # coefficients in the compute dtype, as mergekit does
-    if dot.abs() > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = torch.acos(dot)
-    return (torch.sin((1 - t) * theta) / torch.sin(theta)) * v0 + (torch.sin(t * theta) / torch.sin(theta)) * v1
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """Spherical interpolation of two whole tensors by the angle between them (flattened), as mergekit 0.1.5's
+    slerp computes it: norms, dot product and coefficients in float32 (float64 inputs: float64) whatever the
+    inputs' dtype, in SLERP_CHUNK-element chunks; the result in the inputs' dtype.
+
+    Nearly (anti-)parallel tensors (|cos| > dot_threshold) fall back to linear interpolation, where the sin ratio
+    is unstable. The threshold is compared in float32: in bfloat16, 0.9995 rounds to 1.0, so identical tensors
+    (LayerNorm weights) would take the sin ratio and divide 0 by 0."""
+    dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    t = torch.tensor(t, dtype=dtype).reshape(-1, 1)
+    if not a.shape[1]:
+        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
+    chunks = [slice(start, start + SLERP_CHUNK) for start in range(0, a.shape[1], SLERP_CHUNK)]
+    # the norm of the chunks' norms (not the root of a sum of squares): mergekit's order of operations
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, c].to(dtype), dim=1, keepdim=True)
+                                                   for c in chunks]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, c].to(dtype), dim=1, keepdim=True)
+                                                   for c in chunks]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    # normalise before multiplying: no overflow in the dot product
+    dot = torch.stack([((a[:, c].to(dtype) / norm_a) * (b[:, c].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
+                       for c in chunks]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for c in chunks:
+        result[:, c] = coef_a * a[:, c].to(dtype) + coef_b * b[:, c].to(dtype)
+    return result.reshape(v0.shape)
 
 
 def slerp(base, tensors, models, p: SlerpParams, generator) -> torch.Tensor:
