@@ -465,6 +465,40 @@ def test_run_merge_sharded_bf16_output(folders, tmp_path):
     assert model.dtype == torch.bfloat16
 
 
+@pytest.fixture(scope="module")
+def bf16_folders(folders, tmp_path_factory):
+    """The base and three fine-tunes stored in bfloat16, as real checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("merge_bf16")
+    third = tiny_llama(root / "c32", 5, like=folders["base"])
+    out = {}
+    for name, src in (("base", folders["base"]), ("a", folders["a"]), ("b", folders["b"]), ("c", third)):
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def test_every_method_merges_bf16_checkpoints_in_bf16_and_finite(bf16_folders, tmp_path):
+    """Without a `dtype` key tensors merge in the dtype they are stored in (mergekit's rule) and the output keeps
+    it; no method writes a non-finite value (slerp did: NaN in parallel bf16 tensors, issue 12)."""
+    from bench.merge_vs_mergekit import merge_config
+
+    from branchmerge.models.merging.registry import METHODS as REGISTRY
+
+    f = bf16_folders
+    for method in sorted(REGISTRY):
+        config = merge_config(method, f["base"], [f["a"], f["b"], f["c"]])
+        if config is None:
+            continue
+        del config["dtype"]
+        out = tmp_path / method
+        run_merge(config, out, seed=0)
+        for name, x in weights(out).items():
+            assert x.dtype == torch.bfloat16, (method, name)
+            assert torch.isfinite(x).all(), (method, name)
+
+
 def test_run_merge_untied_head(folders, tmp_path):
     """One model has its own lm_head: tied models contribute their embeddings as lm_head; output unties."""
     from transformers import AutoModelForCausalLM

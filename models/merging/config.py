@@ -56,7 +56,7 @@ class MergeSpec:
     global_settings: dict
     base: int | None
     reference: int  # input whose config.json / generation_config.json the output gets
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # compute dtype; None: each tensor as stored (mergekit without `dtype`)
     out_dtype: torch.dtype | None
     tokenizer_source: str
 
@@ -215,7 +215,7 @@ def validate_config(config: Mapping) -> MergeSpec:
 
     return MergeSpec(
         method=method, inputs=inputs, where=where, settings=settings, global_settings=global_settings,
-        base=base, reference=reference, dtype=_dtype(config, "dtype") or _dtype({"dtype": "float32"}, "dtype"),
+        base=base, reference=reference, dtype=_dtype(config, "dtype"),
         out_dtype=_dtype(config, "out_dtype") or _dtype(config, "dtype"), tokenizer_source=tokenizer_source,
     )
 

@@ -110,7 +110,8 @@ def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[Tensor
     stays what `workers` jobs of the largest tensor would take.
     """
     def job_bytes(job: TensorJob) -> int:
-        return sum(math.prod(ck.shape(src)) for ck, src in zip(ckpts, job.sources)) * spec.dtype.itemsize
+        return sum(math.prod(ck.shape(src)) * (spec.dtype or ck.dtype(src)).itemsize
+                   for ck, src in zip(ckpts, job.sources))
 
     sizes = [job_bytes(job) for job in jobs]
     budget = workers * max(sizes, default=0)
@@ -131,7 +132,9 @@ def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[Tensor
 def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed: int) -> torch.Tensor:
     if job.params is None:
         return ckpts[spec.reference].get(job.sources[spec.reference])
-    xs = [ck.get(src).to(spec.dtype) for ck, src in zip(ckpts, job.sources)]
+    # Without a `dtype` key each tensor is merged in the dtype it is stored in, as mergekit does (bf16 checkpoints
+    # merge in bf16; slerp and the like take their coefficients in float32 themselves).
+    xs = [ck.get(src) if spec.dtype is None else ck.get(src).to(spec.dtype) for ck, src in zip(ckpts, job.sources)]
     base = xs.pop(spec.base) if spec.base is not None else None
     out = spec.method.fn(base, xs, job.models, job.params, tensor_generator(seed, job.name))
     expected = ckpts[spec.reference].shape(job.sources[spec.reference])
