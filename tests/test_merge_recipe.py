@@ -1,4 +1,4 @@
-"""mergekit YAML in: one-document configs and multi-step (mergekit-multimerge) recipes, by the numbers."""
+"""mergekit YAML in: one-document configs and multi-step (mergekit-multi) recipes, by the numbers."""
 
 import json
 import os
@@ -158,6 +158,22 @@ def test_cli_never_writes_into_a_users_folder_without_overwrite(zoo, tmp_path):
     done = cli(tmp_path / "cfg.yml", tmp_path / "out", "--intermediate-dir", tmp_path / "steps", "--overwrite")
     assert done.returncode == 0, done.stderr
     assert (mine / "config.json").exists() and not (mine / "notes.txt").exists()
+
+
+def test_cli_names_a_pickle_only_input_in_one_line(zoo, tmp_path):
+    """A pytorch_model.bin folder (a pickle: loading it can run code) is refused with one line, no traceback."""
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    (legacy / "pytorch_model.bin").write_bytes(b"not read")
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(
+        {"merge_method": "linear", "models": [str(zoo["math"]), str(legacy)], "parameters": {"weight": 1.0}}))
+    refused = cli(tmp_path / "cfg.yml", tmp_path / "out")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip() == (
+        f"error: {legacy}: only pytorch_model.bin found; only safetensors is read (re-save the model with "
+        "save_pretrained(..., safe_serialization=True))")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_output_is_never_one_of_the_inputs(zoo, tmp_path):

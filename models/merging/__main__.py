@@ -1,4 +1,4 @@
-"""`python -m models.merging recipe.yml out/` — our `mergekit-yaml` / `mergekit-multimerge`, same files in.
+"""`python -m models.merging recipe.yml out/` — our `mergekit-yaml` / `mergekit-multi`, same files in.
 
     python -m models.merging my_mergekit.yml ./merged --seed 0
     python -m models.merging tinyr1.yml ./merged --model math=./m --model code=./c --intermediate-dir ./steps
@@ -14,7 +14,7 @@ from .recipe import load_recipe, run_recipe
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m models.merging", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="a mergekit YAML (one document) or mergekit-multimerge file (named documents)")
+    p.add_argument("config", help="a mergekit YAML (one document) or mergekit-multi file (named documents)")
     p.add_argument("out", help="output folder for the final model (HF: safetensors + config + tokenizer)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE / DELLA / arcee_fusion randomness")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {args.config}: {err}") from None
     except FileExistsError as err:  # never written into without --overwrite
         raise SystemExit(f"error: {err}; pass --overwrite to replace it") from None
+    except FileNotFoundError as err:  # an input folder without safetensors weights, a missing recipe file
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps(result, indent=2))
 
 

@@ -35,7 +35,11 @@ class Checkpoint:
         elif (self.path / WEIGHTS).exists():
             files = [WEIGHTS]
         else:
-            raise FileNotFoundError(f"{self.path}: neither {WEIGHTS} nor {INDEX} found (only safetensors is read)")
+            pickles = sorted(p.name for p in self.path.glob("pytorch_model*.bin")) if self.path.is_dir() else []
+            found = f"only {', '.join(pickles)} found" if pickles else f"neither {WEIGHTS} nor {INDEX} found"
+            # .bin checkpoints are pickles: loading one can run code, so they are never read here
+            raise FileNotFoundError(f"{self.path}: {found}; only safetensors is read (re-save the model with "
+                                    "save_pretrained(..., safe_serialization=True))")
         config = self.path / "config.json"
         self.config: dict = json.loads(config.read_text()) if config.exists() else {}
         self._entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}

@@ -237,7 +237,7 @@ def _method_names() -> list[str]:
 class MergeConfig(Settings):
     """The merge stage (`merge:` in conf/merge/): either one `method` over every branch, with mergekit's
     `parameters` (per-model ones such as weight/density go to every branch, the rest are global), compute `dtype`
-    and `out_dtype`; or a mergekit `recipe` file (one mergekit YAML or a mergekit-multimerge file; its documents
+    and `out_dtype`; or a mergekit `recipe` file (one mergekit YAML or a mergekit-multi file; its documents
     carry their own dtypes). The student is the base model."""
 
     # a select in the Prefect form: the registry's names, read when the schema is generated (the registry
@@ -251,7 +251,7 @@ class MergeConfig(Settings):
     out_dtype: Literal["float32", "bfloat16", "float16"]
     """Dtype of the merged weights of a method merge (a recipe's documents carry their own)."""
     recipe: str | None
-    """mergekit or mergekit-multimerge YAML file (relative: working dir, else repo root); null: use method."""
+    """mergekit or mergekit-multi YAML file (relative: working dir, else repo root); null: use method."""
 
     @field_validator("method")
     @classmethod

@@ -1,6 +1,6 @@
-"""Merge recipes: a mergekit YAML file, or a mergekit-multimerge file of several steps, run as chained merges.
+"""Merge recipes: a mergekit YAML file, or a mergekit-multi file of several steps, run as chained merges.
 
-A recipe is what `mergekit-yaml` or `mergekit-multimerge` reads, unchanged:
+A recipe is what `mergekit-yaml` or `mergekit-multi` reads, unchanged:
 
     name: mid                      # a named step: its output can be a model in later steps
     merge_method: arcee_fusion
