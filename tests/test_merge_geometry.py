@@ -446,7 +446,8 @@ W1 = {"weight": 1.0}
      r"parameters\.max_iter: Input should be greater than or equal to 0"),
     (cfg("karcher", [("a", None)], base=None, parameters={"max_iters": 5}),
      r"parameters: unknown parameter\(s\) 'max_iters' for karcher; allowed: max_iter, tol"),
-    (cfg("karcher", [("a", W1)], base=None), r"models\[0\]\.parameters: unknown parameter\(s\) 'weight' for karcher"),
+    (cfg("karcher", [("a", {"density": 0.5})], base=None),
+     r"models\[0\]\.parameters: unknown parameter\(s\) 'density' for karcher"),  # (a weight is ignored, as mergekit)
     (cfg("arcee_fusion", [("a", None), ("b", None)]),
      r"models: arcee_fusion takes exactly 2 input model\(s\) counting base_model; got 3"),
     (cfg("arcee_fusion", [("a", None), ("b", None)], base=None), r"arcee_fusion needs a base model"),
@@ -558,6 +559,22 @@ def test_run_merge_karcher_counts_an_unlisted_base_as_an_input(folders, tmp_path
         m = merged[name].double().flatten() / merged[name].double().norm()
         assert karcher_gradient(m, xs).norm() < 1e-5, name
         assert torch.equal(merged[name], mk_karcher(xs, max_iter=20))
+
+
+def test_run_merge_karcher_accepts_and_ignores_a_weight_as_mergekit(folders, tmp_path, caplog):
+    """mergekit 0.1.5 runs karcher configs with per-model `weight` (copied from linear ones) and ignores it: so do
+    we, with a warning; any other unknown key still fails."""
+    plain = {"merge_method": "karcher", "models": [{"model": str(folders[k])} for k in "ab"]}
+    weighted = {"merge_method": "karcher", "models": [{"model": str(folders[k]), "parameters": {"weight": w}}
+                                                      for k, w in (("a", 0.9), ("b", 0.1))]}
+    with caplog.at_level("WARNING"):
+        merged, _ = run(folders, tmp_path / "w", weighted)
+    assert "models[0].parameters: weight has no effect on karcher (mergekit ignores it too)" in caplog.text
+    same, _ = run(folders, tmp_path / "p", plain)
+    assert all(torch.equal(merged[n], same[n]) for n in NAMES)
+    bad = {"merge_method": "karcher", "models": [{"model": str(folders["a"]), "parameters": {"density": 0.5}}]}
+    with pytest.raises(MergeConfigError, match="unknown parameter"):
+        run(folders, tmp_path / "bad", bad)
 
 
 def test_run_merge_arcee_fusion_tinyr1_style(folders, tmp_path):

@@ -95,6 +95,10 @@ def _check_names(settings: Any, where: str, method: MergeMethod, allow_global: b
         return {}
     if not isinstance(settings, dict):
         raise MergeConfigError(f"{where}: expected a mapping of parameter names to values; got {settings!r}")
+    ignored = [k for k in settings if k in method.ignored_model_params and not allow_global]
+    if ignored:
+        log.warning("%s: %s has no effect on %s (mergekit ignores it too)", where, ", ".join(ignored), method.name)
+        settings = {k: v for k, v in settings.items() if k not in ignored}
     allowed = method.model_names() + (method.global_names() if allow_global else [])
     misplaced = [k for k in settings if k in method.global_names() and not allow_global]
     if misplaced:

@@ -144,24 +144,20 @@ class KarcherParams(Params):
 def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int, tol: float) -> torch.Tensor:
     """Weighted Karcher (Riemannian) mean of the unit directions, scaled by sum_i alpha_i |x_i|.
 
-    Norms in float32 as python floats; inputs with norm <= tol take no part in the direction (their alpha
-    still counts in the scale). Start: the normalised weighted mean of the directions; each step moves along
-    the weighted sum of log maps, sum a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m), by its length, until
-    that length < tol.
+    Norms, as mergekit 0.1.5 takes them: float64 for float64 inputs, else float32, kept as tensors (mergekit sums
+    the final scale from them: a Python-float sum differed by 1 ulp on SmolLM2 weights); inputs with norm <= tol
+    take no part in the direction (their alpha still counts in the scale). Start: the normalised weighted mean of
+    the directions; each step moves along the weighted sum of log maps, sum a_i theta_i / sin(theta_i)
+    (u_i - cos(theta_i) m), by its length, until that length < tol.
     """
     if len(tensors) == 1:
         return tensors[0]
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     norms, units = [], []
     for x in tensors:
-        n = torch.linalg.norm(x.float())
-        # Norms stay float32 tensors: mergekit sums the final scale in float32 (a Python-float sum differed by
-        # 1 ulp on SmolLM2 weights, bench/merge_vs_mergekit.py).
-        if n.item() == 0.0:
-            norms.append(torch.zeros((), dtype=n.dtype))
-            units.append(torch.zeros_like(x))
-        else:
-            norms.append(n)
-            units.append((x / n).to(x.dtype))
+        n = torch.linalg.vector_norm(x.to(dtype))
+        norms.append(n)
+        units.append(torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype))
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
@@ -173,8 +169,8 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     mean = torch.zeros_like(u_valid[0])
     for a, u in zip(a_valid, u_valid):
         mean += a * u
-    mean_norm = torch.linalg.norm(mean.float()).item()
-    mean = u_valid[0].clone() if mean_norm < tol else (mean / mean_norm).to(mean.dtype)
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = u_valid[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
 
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
@@ -184,11 +180,11 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
             if theta.item() < tol:
                 continue
             tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        tangent_norm = torch.linalg.norm(tangent.float())
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
         if tangent_norm.item() < tol:
             break
         mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
-        unit_norm = torch.linalg.norm(mean.float())
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
         if unit_norm.item() > tol:
             mean = (mean / unit_norm).to(mean.dtype)
 
@@ -213,5 +209,6 @@ METHODS = [
     ),
     MergeMethod(
         name="karcher", fn=karcher, params=KarcherParams, min_inputs=1, reference="en.wikipedia.org/wiki/Karcher_mean",
+        ignored_model_params=("weight",),
     ),
 ]
