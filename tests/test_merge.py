@@ -18,7 +18,7 @@ from branchmerge.models.merging.values import layer_t, resolve, tensor_generator
 
 REQUIRED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 EXTRA = ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nearswap", "sce",
-         "passthrough"]
+         "passthrough", "ram", "ramplus_tl"]
 
 
 def rand(*shape, seed):
@@ -260,6 +260,40 @@ def test_slerp_on_tensors_over_a_million_elements_matches_float64():
     omega = torch.acos((a64 @ b64) / (a64.norm() * b64.norm()))
     expected = (torch.sin(0.7 * omega) * a64 + torch.sin(0.3 * omega) * b64) / torch.sin(omega)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-5)
+
+
+def ref_ram(base, xs, epsilon, r=None, alpha=None):
+    """RAM / RAM+ element by element from the paper's rule (arXiv 2601.13572, mergekit 0.1.5's tensor-local form)."""
+    b, ds = base.flatten().tolist(), [(x - base).flatten().tolist() for x in xs]
+    P = len(b)
+    who = [[i for i, d in enumerate(ds) if abs(d[j]) > epsilon] for j in range(P)]
+    lam = [1.0] * len(ds)
+    if r is not None:
+        for i in range(len(ds)):
+            shared = sum(1 for j in range(P) if i in who[j] and len(who[j]) > 1)
+            unique = sum(1 for j in range(P) if who[j] == [i])
+            lam[i] = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+    out = []
+    for j in range(P):
+        if len(who[j]) == 1:
+            out.append(b[j] + lam[who[j][0]] * ds[who[j][0]][j])
+        else:
+            out.append(b[j] + sum(ds[i][j] for i in who[j]) / max(len(who[j]), 1))
+    return torch.tensor(out).reshape(base.shape)
+
+
+def test_ram_and_ramplus_tl_follow_the_rule_by_hand():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 7, generator=g)
+    # sparse deltas: each model changes about half the entries, so unique, shared and untouched ones all occur
+    xs = [base + torch.randn(6, 7, generator=g) * (torch.rand(6, 7, generator=g) < 0.5) for _ in range(3)]
+    torch.testing.assert_close(METHODS["ram"](base, xs, params={}), ref_ram(base, xs, 1e-5))
+    torch.testing.assert_close(METHODS["ramplus_tl"](base, xs, params={"r": 0.5, "alpha": 0.4}),
+                               ref_ram(base, xs, 1e-5, r=0.5, alpha=0.4))
+    assert METHODS["ramplus_tl"].params() == METHODS["ramplus_tl"].params(r=0.1, alpha=0.2, epsilon=1e-5)
+    # untouched entries keep the base, a lone model's delta is kept whole (not divided by 3)
+    only_first = [xs[0], base.clone(), base.clone()]
+    torch.testing.assert_close(METHODS["ram"](base, only_first, params={}), xs[0])
 
 
 @pytest.mark.parametrize("filter_wise", [False, True])

@@ -229,7 +229,7 @@ def validate_config(config: Mapping) -> MergeSpec:
 # The registry's names (registry.py imports torch); a test checks they agree.
 MERGE_METHODS = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
                  "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough",
-                 "sce", "slerp", "task_arithmetic", "ties")
+                 "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties")
 
 
 def _method_names() -> list[str]:

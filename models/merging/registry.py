@@ -4,10 +4,10 @@ Each family module defines its methods (a function over tensors + parameter sche
 METHODS list; nothing registers itself on import.
 """
 
-from .methods import arcee_fusion, geometric, linear, sce, spherical, task_arithmetic
+from .methods import arcee_fusion, geometric, linear, ram, sce, spherical, task_arithmetic
 from .methods.base import MergeConfigError, MergeMethod
 
-FAMILIES = (linear, task_arithmetic, geometric, spherical, sce, arcee_fusion)
+FAMILIES = (linear, task_arithmetic, geometric, spherical, sce, arcee_fusion, ram)
 
 
 def _index(methods: list[MergeMethod]) -> dict[str, MergeMethod]:
