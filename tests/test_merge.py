@@ -533,6 +533,29 @@ def test_every_method_merges_bf16_checkpoints_in_bf16_and_finite(bf16_folders, t
             assert torch.isfinite(x).all(), (method, name)
 
 
+def test_full_range_slices_merge_as_models(folders, tmp_path):
+    """The most published slerp config (mergekit's README form: one slice, each source [0, N], t gradients by
+    filter) gives exactly the tensors of the same merge written with `models`; a partial range fails naming the
+    key before any weight is read."""
+    a, b = str(folders["a"]), str(folders["b"])
+    t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+         {"value": 0.5}]
+    sliced = {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]}],
+              "merge_method": "slerp", "base_model": a, "parameters": {"t": t}, "dtype": "float32"}
+    listed = {"models": [{"model": a}, {"model": b}], "merge_method": "slerp", "base_model": a,
+              "parameters": {"t": t}, "dtype": "float32"}
+    run_merge(sliced, tmp_path / "sliced", seed=0)
+    run_merge(listed, tmp_path / "listed", seed=0)
+    x, y = weights(tmp_path / "sliced"), weights(tmp_path / "listed")
+    assert set(x) == set(y) and all(torch.equal(x[n], y[n]) for n in x)
+    partial = {**sliced, "slices": [{"sources": [{"model": a, "layer_range": [0, 1]},
+                                                 {"model": b, "layer_range": [0, 1]}]}]}
+    with pytest.raises(MergeConfigError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 1\] of .* \(2 layers\): "
+                                               r"only full-range slices \(\[0, 2\]\) are implemented"):
+        run_merge(partial, tmp_path / "partial", seed=0)
+    assert not (tmp_path / "partial").exists()
+
+
 def test_run_merge_untied_head(folders, tmp_path):
     """One model has its own lm_head: tied models contribute their embeddings as lm_head; output unties."""
     from transformers import AutoModelForCausalLM
@@ -617,7 +640,7 @@ def cfg(method="ties", **over):
               "models": [{"model": NOWHERE + "/a", "parameters": {"weight": 1.0, "density": 0.5}},
                          {"model": NOWHERE + "/b", "parameters": {"weight": 1.0}}]}
     config.update(over)
-    return config
+    return {k: v for k, v in config.items() if v is not None}  # None: leave the key out
 
 
 @pytest.mark.parametrize("config,match", [
@@ -635,7 +658,11 @@ def cfg(method="ties", **over):
     (cfg(models=[{"model": "/x", "parameters": {"weight": 1, "normalize": False}}]),
      r"models\[0\]\.parameters: normalize is a global parameter of ties; set it under `parameters`"),
     (cfg(models=[{"model": "/x", "parameters": {"density": 0.5}}]), r"models\[0\]\.parameters\.weight: missing"),
-    (cfg(slices=[]), r"slices: mergekit's 'slices' is not supported \(list whole models"),
+    (cfg(models=None, slices=[{"sources": [{"model": "/x", "layer_range": [0, 2]}]}] * 2),
+     r"slices: 2 slices stitch layer ranges together, which is not implemented"),
+    (cfg(models=None, slices=[{"sources": [{"model": "/x", "layer_range": [2, 1]}]}]),
+     r"slices\[0\]\.sources\[0\]\.layer_range: expected \[start, end\] with 0 <= start < end; got \[2, 1\]"),
+    (cfg(slices=[{"sources": [{"model": "/x", "layer_range": [0, 2]}]}]), r"slices, models: give the models one way"),
     (cfg(dtype="fp8"), r"dtype: 'fp8' is not supported; allowed: float32, bfloat16, float16, float64"),
     (cfg(out_dtype="int8"), r"out_dtype: 'int8' is not supported"),
     (cfg(tokenizer_source="union"), r"tokenizer_source: 'union' is not supported; allowed: 'base' or a model path"),

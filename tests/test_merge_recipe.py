@@ -101,7 +101,7 @@ def test_named_steps_draw_their_own_random_stream(zoo, tmp_path):
      r"recipe document 0\.models\[0\]\.model: 'Qwen/Qwen2.5-0.5B' is not an earlier step, a known model "
      r"\(.*\) or a local model folder with config\.json \(hub ids are not downloaded"),
     ("merge_method: linear\nmodels: [math, code]\nslices: []\n",
-     r"recipe document 0: slices: mergekit's 'slices' is not supported"),
+     r"recipe document 0: slices, models: give the models one way"),
     ("merge_method: linear\nmodels: [math, code]\nchat_template: chatml\n",
      r"chat_template: mergekit's 'chat_template' is not supported"),
     ("merge_method: linear\nmodels: [math, later]\n---\nname: later\nmerge_method: linear\nmodels: [math, code]\n",
@@ -158,6 +158,16 @@ def test_cli_never_writes_into_a_users_folder_without_overwrite(zoo, tmp_path):
     done = cli(tmp_path / "cfg.yml", tmp_path / "out", "--intermediate-dir", tmp_path / "steps", "--overwrite")
     assert done.returncode == 0, done.stderr
     assert (mine / "config.json").exists() and not (mine / "notes.txt").exists()
+
+
+def test_cli_resolves_named_models_inside_slices(zoo, tmp_path):
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(
+        {"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}, {"model": "c", "layer_range": [0, 2]}]}],
+         "merge_method": "slerp", "base_model": "m", "parameters": {"t": 0.5}}))
+    done = cli(tmp_path / "cfg.yml", tmp_path / "out", "--model", f"m={zoo['math']}", "--model", f"c={zoo['code']}")
+    assert done.returncode == 0, done.stderr
+    out, m, c = weights(tmp_path / "out"), weights(zoo["math"]), weights(zoo["code"])
+    assert all(not torch.equal(out[n], m[n]) and not torch.equal(out[n], c[n]) for n in out if "layers" in n)
 
 
 def test_cli_names_a_pickle_only_input_in_one_line(zoo, tmp_path):

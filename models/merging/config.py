@@ -34,10 +34,10 @@ class MergeConfigError(ValueError):
     """A merge config is wrong: the message names the key path and what would be accepted."""
 
 
-CONFIG_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+CONFIG_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+               "tokenizer_source")
 # mergekit keys we know and refuse, with what to do instead (a silent ignore would merge something else).
 MERGEKIT_UNSUPPORTED = {
-    "slices": "list whole models under `models`; layer slicing is not implemented",
     "modules": "per-module merges are not implemented; use one config per model",
     "tokenizer": "tokenizer surgery is not implemented; use tokenizer_source: base or a model folder",
     "chat_template": "the tokenizer source's chat template is copied as it is",
@@ -59,6 +59,9 @@ class MergeSpec:
     dtype: torch.dtype | None  # compute dtype; None: each tensor as stored (mergekit without `dtype`)
     out_dtype: torch.dtype | None
     tokenizer_source: str
+    # `slices`: each input's layer_range (None: the base_model added beside them); checked against the checkpoints
+    # once they are open (plan.check_layer_ranges): only full ranges, which merge as `models` would.
+    layer_ranges: list[tuple[int, int] | None] | None = None
 
     def has_model_params(self, i: int) -> bool:
         return i != self.base
@@ -137,12 +140,18 @@ def validate_config(config: Mapping) -> MergeSpec:
         raise MergeConfigError("merge_method: missing")
     method = get_method(str(config["merge_method"]))
 
+    layer_ranges, labels = None, None
+    if "slices" in config:
+        if "models" in config:
+            raise MergeConfigError("slices, models: give the models one way, a list of `models` or `slices`")
+        config["models"], layer_ranges = _slice_sources(config.pop("slices"))
+        labels = [f"slices[0].sources[{i}]" for i in range(len(config["models"]))]
     models = config.get("models")
     if not isinstance(models, list) or not models:
         raise MergeConfigError("models: expected a non-empty list of {model: <path>, parameters: {...}}")
     inputs, where, settings = [], [], []
     for i, entry in enumerate(models):
-        at = f"models[{i}]"
+        at = labels[i] if labels else f"models[{i}]"
         if isinstance(entry, str):  # mergekit accepts a bare model reference
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
@@ -164,6 +173,9 @@ def validate_config(config: Mapping) -> MergeSpec:
         listed = [os.path.abspath(p) for p in inputs]
         if os.path.abspath(base_model) in listed:
             base = listed.index(os.path.abspath(base_model))
+        elif layer_ranges is not None:  # mergekit reads a slice's tensors from its sources only
+            raise MergeConfigError(f"base_model: {base_model!r} is not one of slices[0].sources; list it there "
+                                   "with the same layer_range")
         else:  # mergekit adds the base as an input when it is not listed under models
             inputs.append(base_model)
             where.append("base_model")
@@ -221,7 +233,40 @@ def validate_config(config: Mapping) -> MergeSpec:
         method=method, inputs=inputs, where=where, settings=settings, global_settings=global_settings,
         base=base, reference=reference, dtype=_dtype(config, "dtype"),
         out_dtype=_dtype(config, "out_dtype") or _dtype(config, "dtype"), tokenizer_source=tokenizer_source,
+        layer_ranges=layer_ranges,
     )
+
+
+def _slice_sources(slices: Any) -> tuple[list[dict], list[tuple[int, int]]]:
+    """mergekit's `slices` as `models` entries and each source's layer range. One slice whose sources each span
+    all their layers is the same merge as listing the models (mergekit gives identical tensors); stitched layer
+    ranges (frankenmerges) are not implemented and fail here, naming the key."""
+    if not isinstance(slices, list) or not slices:
+        raise MergeConfigError(f"slices: expected a list of {{sources: [{{model, layer_range}}, ...]}}; got {slices!r}")
+    if len(slices) > 1:
+        raise MergeConfigError(f"slices: {len(slices)} slices stitch layer ranges together, which is not implemented; "
+                               "one slice whose sources span every layer is (or list the models under `models`)")
+    entry = slices[0]
+    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+        raise MergeConfigError(f"slices[0]: expected {{sources: [{{model, layer_range}}, ...]}}; got {entry!r}")
+    extra = [k for k in entry if k != "sources"]
+    if extra:
+        raise MergeConfigError(f"slices[0]: key(s) {', '.join(map(repr, extra))} not supported; allowed: sources")
+    models, ranges = [], []
+    for i, source in enumerate(entry["sources"]):
+        at = f"slices[0].sources[{i}]"
+        if not isinstance(source, dict) or "model" not in source:
+            raise MergeConfigError(f"{at}: expected {{model: <path>, layer_range: [start, end]}}; got {source!r}")
+        extra = [k for k in source if k not in ("model", "layer_range", "parameters")]
+        if extra:
+            raise MergeConfigError(f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: model, "
+                                   "layer_range, parameters")
+        rng = source.get("layer_range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng) and 0 <= rng[0] < rng[1]):
+            raise MergeConfigError(f"{at}.layer_range: expected [start, end] with 0 <= start < end; got {rng!r}")
+        models.append({k: v for k, v in source.items() if k != "layer_range"})
+        ranges.append((rng[0], rng[1]))
+    return models, ranges
 
 
 # ------------------------------------------------------------------------------------ the pipeline's merge stage

@@ -46,13 +46,29 @@ def _resolve_params(schema: type[Params], scopes: list[tuple[dict, str]], tensor
         raise MergeConfigError(f"tensor {tensor} ({context}): {msg}") from None
 
 
+def num_layers(ck: Checkpoint) -> int:
+    """The checkpoint's decoder layers: its config's num_hidden_layers, else the highest layer index + 1."""
+    layers = [i for n in ck.names() if (i := layer_index(n)) is not None]
+    return ck.config.get("num_hidden_layers") or ck.config.get("text_config", {}).get("num_hidden_layers") \
+        or (max(layers) + 1 if layers else 1)
+
+
+def check_layer_ranges(spec: MergeSpec, ckpts: list[Checkpoint]) -> None:
+    """`slices`: every source's layer_range spans its model's layers (the only slicing implemented)."""
+    for i, rng in enumerate(spec.layer_ranges or []):
+        if rng is not None and rng != (0, num_layers(ckpts[i])):
+            n = num_layers(ckpts[i])
+            raise MergeConfigError(
+                f"{spec.where[i]}.layer_range: {list(rng)} of {spec.inputs[i]} ({n} layers): only full-range slices "
+                f"([0, {n}]) are implemented, the same merge as listing the model under `models`")
+
+
 def plan(spec: MergeSpec, ckpts: list[Checkpoint]) -> list[TensorJob]:
     """Every output tensor with its sources and parameters, from the headers alone."""
+    check_layer_ranges(spec, ckpts)
     ref = ckpts[spec.reference]
     names = list(dict.fromkeys(n for ck in [ref, *ckpts] for n in ck.names()))
-    layers = [i for n in names if (i := layer_index(n)) is not None]
-    n_layers = ref.config.get("num_hidden_layers") or ref.config.get("text_config", {}).get("num_hidden_layers") \
-        or (max(layers) + 1 if layers else 1)
+    n_layers = num_layers(ref)
     jobs = []
     for name in names:
         sources, missing = [], []

@@ -67,13 +67,23 @@ def load_recipe(source: str | os.PathLike | Mapping | list) -> list[dict[str, An
     return docs
 
 
+def _model_lists(config: dict[str, Any]) -> list[tuple[str, list]]:
+    """(key path, list of model entries): `models`, and each slice's `sources`."""
+    lists = [("models", config["models"])] if isinstance(config.get("models"), list) else []
+    for j, piece in enumerate(config.get("slices") or [] if isinstance(config.get("slices"), list) else []):
+        if isinstance(piece, dict) and isinstance(piece.get("sources"), list):
+            lists.append((f"slices[{j}].sources", piece["sources"]))
+    return lists
+
+
 def _references(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(key path, model reference) for every place a mergekit config names a model."""
     refs = []
-    for i, entry in enumerate(config.get("models") or []):
-        model = entry.get("model") if isinstance(entry, dict) else entry
-        if isinstance(model, str):
-            refs.append((f"models[{i}].model", model))
+    for where, entries in _model_lists(config):
+        for i, entry in enumerate(entries):
+            model = entry.get("model") if isinstance(entry, dict) else entry
+            if isinstance(model, str):
+                refs.append((f"{where}[{i}].model", model))
     if isinstance(config.get("base_model"), str):
         refs.append(("base_model", config["base_model"]))
     source = config.get("tokenizer_source")
@@ -84,16 +94,22 @@ def _references(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _substitute(config: dict[str, Any], paths: Mapping[str, str]) -> dict[str, Any]:
     """A copy of `config` with every model reference found in `paths` replaced by its path."""
-    out = dict(config)
-    if isinstance(out.get("models"), list):
-        models = []
-        for entry in out["models"]:
+    def substituted(entries: list) -> list:
+        out = []
+        for entry in entries:
             if isinstance(entry, str):
                 entry = {"model": entry}
             if isinstance(entry, dict) and isinstance(entry.get("model"), str):
                 entry = {**entry, "model": paths.get(entry["model"], entry["model"])}
-            models.append(entry)
-        out["models"] = models
+            out.append(entry)
+        return out
+
+    out = dict(config)
+    if isinstance(out.get("models"), list):
+        out["models"] = substituted(out["models"])
+    if isinstance(out.get("slices"), list):
+        out["slices"] = [{**s, "sources": substituted(s["sources"])} if isinstance(s, dict)
+                         and isinstance(s.get("sources"), list) else s for s in out["slices"]]
     for key in ("base_model", "tokenizer_source"):
         if isinstance(out.get(key), str):
             out[key] = paths.get(out[key], out[key])
