@@ -22,7 +22,8 @@ g = torch.Generator().manual_seed(0)
 res = {}
 for dt in (torch.float32, torch.bfloat16):
     base = torch.randn(300, 257, generator=g).to(dt)
-    xs = [(base.float() + torch.randn(300, 257, generator=g) * (torch.rand(300, 257, generator=g) < 0.5)).to(dt) for _ in range(3)]
+    xs = [(base.float() + torch.randn(300, 257, generator=g) * (torch.rand(300, 257, generator=g) < 0.5)).to(dt)
+          for _ in range(3)]
     # mergekit's RAM math via its helper (the decorated functions take a TensorGroup)
     tv, nz, cnt, ov, un = _prepare_ram_vectors(xs, base, 1e-5)
     tz = tv * nz
@@ -31,7 +32,8 @@ for dt in (torch.float32, torch.bfloat16):
     res[f"ram {dt}"] = (ours.dtype, mk.dtype, float((ours.float() - mk.float()).abs().max()))
     sc = (nz & ov).sum(dim=1); uc = (nz & un).sum(dim=1)
     rho = sc / uc.clamp(min=1e-5); lam = 1 + 0.1 * rho.clamp(min=0, max=0.2)
-    mk2 = base + ((tz * un * lam.unsqueeze(-1)) + (tz * ov / cnt.clamp(min=1))).sum(dim=0, keepdim=True).reshape_as(base)
+    merged = ((tz * un * lam.unsqueeze(-1)) + (tz * ov / cnt.clamp(min=1))).sum(dim=0, keepdim=True)
+    mk2 = base + merged.reshape_as(base)
     ours2 = METHODS["ramplus_tl"](base, xs, params={})
     res[f"ramplus {dt}"] = (ours2.dtype, mk2.dtype, float((ours2.float() - mk2.float()).abs().max()))
     # slerp: mergekit's takes t as a tensor and a leading batch axis
@@ -43,7 +45,8 @@ for dt in (torch.float32, torch.bfloat16):
     same = torch.ones(64, dtype=dt)
     mk4 = mk_slerp(torch.tensor([0.5]), same.unsqueeze(0), same.unsqueeze(0)).squeeze(0)
     ours4 = METHODS["slerp"](same, [same], params={"t": 0.5})
-    res[f"slerp parallel {dt}"] = (bool(torch.isfinite(mk4).all()), bool(torch.isfinite(ours4).all()), float((ours4.float()-mk4.float()).abs().max()))
+    res[f"slerp parallel {dt}"] = (bool(torch.isfinite(mk4).all()), bool(torch.isfinite(ours4).all()),
+                                   float((ours4.float() - mk4.float()).abs().max()))
 for dt in (torch.float32, torch.float64, torch.bfloat16):
     ts = [torch.randn(500, 300, generator=g).to(dt) for _ in range(3)]
     mk5 = karcher_merge_tensors(ts, [1/3]*3, max_iter=10, tol=1e-5)

@@ -19,7 +19,8 @@ SETTINGS = dict(lr=3e-3, epochs=1, max_steps=-1, batch_size=2, grad_accum=1, max
                 weight_decay=0.0, betas=(0.9, 0.999), scheduler="constant_with_warmup", precision="32-true",
                 save_dtype="float32", packing=False, loss_impl="plain", finetune="full",
                 lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-                gradient_checkpointing=False, shared_prefix=False, checkpoint_every=0, loss="nll", poft_reference="base",
+                gradient_checkpointing=False, shared_prefix=False, checkpoint_every=0, loss="nll",
+                poft_reference="base",
                 poft_length_normalize=True, recipe="single", dmt_k=0.25, hard_fraction=0.3, mixture=False)
 
 

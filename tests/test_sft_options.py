@@ -179,8 +179,8 @@ def test_decoder_hidden_with_shared_prefix_equals_the_whole_batch(tiny_model_dir
         rows = [(prefix + r + [0] * (width - len(r)), [1] * (40 + len(r)) + [0] * (width - len(r))) for r in rests]
         positions = None
     else:  # GRPO rows: [pads | shared prompt][pads | own tokens], positions from the mask
-        rows = [([0] * 4 + prefix + [0] * (width - len(r)) + r, [0] * 4 + [1] * 40 + [0] * (width - len(r)) + [1] * len(r))
-                for r in rests]
+        rows = [([0] * 4 + prefix + [0] * (width - len(r)) + r,
+                 [0] * 4 + [1] * 40 + [0] * (width - len(r)) + [1] * len(r)) for r in rests]
     ids, mask = (torch.tensor([row[k] for row in rows]) for k in (0, 1))
     if pad == "left":
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -262,7 +262,8 @@ def _slice_sources(slices: Any) -> tuple[list[dict], list[tuple[int, int]]]:
             raise MergeConfigError(f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: model, "
                                    "layer_range, parameters")
         rng = source.get("layer_range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng) and 0 <= rng[0] < rng[1]):
+        valid = isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)
+        if not (valid and 0 <= rng[0] < rng[1]):
             raise MergeConfigError(f"{at}.layer_range: expected [start, end] with 0 <= start < end; got {rng!r}")
         models.append({k: v for k, v in source.items() if k != "layer_range"})
         ranges.append((rng[0], rng[1]))

@@ -56,8 +56,7 @@ def num_layers(ck: Checkpoint) -> int:
 def check_layer_ranges(spec: MergeSpec, ckpts: list[Checkpoint]) -> None:
     """`slices`: every source's layer_range spans its model's layers (the only slicing implemented)."""
     for i, rng in enumerate(spec.layer_ranges or []):
-        if rng is not None and rng != (0, num_layers(ckpts[i])):
-            n = num_layers(ckpts[i])
+        if rng is not None and rng != (0, n := num_layers(ckpts[i])):
             raise MergeConfigError(
                 f"{spec.where[i]}.layer_range: {list(rng)} of {spec.inputs[i]} ({n} layers): only full-range slices "
                 f"([0, {n}]) are implemented, the same merge as listing the model under `models`")

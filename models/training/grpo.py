@@ -170,8 +170,8 @@ def completion_hidden(model, input_ids, attention_mask, logits_to_keep: int, gro
     each group's prompt is read once (toolkit.decoder_hidden), not once per completion."""
     positions = mask_position_ids(attention_mask)
     if group_size <= 0:
-        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                   use_cache=False).last_hidden_state[:, -logits_to_keep - 1 : -1]
+        return decoder_hidden(model, input_ids, attention_mask, positions,
+                              shared_prefix=False)[:, -logits_to_keep - 1 : -1]
     groups = [slice(g, g + group_size) for g in range(0, input_ids.shape[0], group_size)]
     return torch.cat([decoder_hidden(model, input_ids[g], attention_mask[g], positions[g], shared_prefix=True)
                       [:, -logits_to_keep - 1 : -1] for g in groups])
