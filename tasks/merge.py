@@ -63,7 +63,7 @@ def mergekit_config(merge: MergeConfig, base: str, branches: list[str]) -> dict[
             **({"base_model": base} if method.base != "ignored" else {}),
             "models": [{"model": path, "parameters": dict(per_model)} for path in branches],
             "parameters": {k: v for k, v in merge.parameters.items() if k not in per_model},
-            "dtype": merge.dtype, "out_dtype": merge.out_dtype, "tokenizer_source": base}
+            "dtype": merge.dtype, "out_dtype": merge.out_dtype}
 
 
 def check(merge: MergeConfig, branches: list[str]) -> None:

@@ -548,12 +548,46 @@ def test_full_range_slices_merge_as_models(folders, tmp_path):
     run_merge(listed, tmp_path / "listed", seed=0)
     x, y = weights(tmp_path / "sliced"), weights(tmp_path / "listed")
     assert set(x) == set(y) and all(torch.equal(x[n], y[n]) for n in x)
-    partial = {**sliced, "slices": [{"sources": [{"model": a, "layer_range": [0, 1]},
-                                                 {"model": b, "layer_range": [0, 1]}]}]}
-    with pytest.raises(MergeConfigError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[0, 1\] of .* \(2 layers\): "
-                                               r"only full-range slices \(\[0, 2\]\) are implemented"):
-        run_merge(partial, tmp_path / "partial", seed=0)
-    assert not (tmp_path / "partial").exists()
+
+
+def test_frankenmerge_slices(folders, tmp_path):
+    """A passthrough frankenmerge (SOLAR-style depth up-scaling): slices [0, 2] of a then [1, 2] of b give a
+    3-layer model whose layers are a's 0, 1 and b's 1, with the embeddings from the first slice's model and the
+    final norm from the last's; num_hidden_layers follows and transformers loads it. A per-slice weight gradient
+    runs over the slice's own layers; a range past a model's layers fails naming the key before anything is
+    written."""
+    from transformers import AutoModelForCausalLM
+
+    a, b = str(folders["a"]), str(folders["b"])
+    config = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                         {"sources": [{"model": b, "layer_range": [1, 2]}]}]}
+    run_merge(config, tmp_path / "franken", seed=0)
+    out, wa, wb = weights(tmp_path / "franken"), weights(folders["a"]), weights(folders["b"])
+    assert json.loads((tmp_path / "franken" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert torch.equal(out["model.embed_tokens.weight"], wa["model.embed_tokens.weight"])
+    assert torch.equal(out["model.norm.weight"], wb["model.norm.weight"])
+    assert sum(".layers.2." in n for n in out) == sum(".layers.1." in n for n in wb) > 0
+    for name, x in out.items():
+        if ".layers." in name:
+            layer = int(name.split(".")[2])
+            src, i = (wa, layer) if layer < 2 else (wb, 1)
+            assert torch.equal(x, src[name.replace(f"layers.{layer}.", f"layers.{i}.")]), name
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "franken").config.num_hidden_layers == 3
+    # linear over two 2-layer slices with weight gradients: a's weight runs 1 -> 0 inside each slice
+    grad = {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
+            "slices": [{"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": [1, 0]}},
+                                    {"model": b, "layer_range": [0, 2], "parameters": {"weight": [0, 1]}}]}] * 2}
+    run_merge(grad, tmp_path / "grad", seed=0)
+    out = weights(tmp_path / "grad")
+    q = "self_attn.q_proj.weight"
+    for k, (src, i) in enumerate([(wa, 0), (wb, 1), (wa, 0), (wb, 1)]):
+        assert torch.equal(out[f"model.layers.{k}.{q}"], src[f"model.layers.{i}.{q}"]), k
+    past = {**config, "slices": [{"sources": [{"model": b, "layer_range": [1, 3]}]}]}
+    with pytest.raises(MergeConfigError, match=r"slices\[0\]\.sources\[0\]\.layer_range: \[1, 3\] of .*, which has "
+                                               r"2 layers"):
+        run_merge(past, tmp_path / "past", seed=0)
+    assert not (tmp_path / "past").exists()
 
 
 def test_run_merge_untied_head(folders, tmp_path):
@@ -658,14 +692,22 @@ def cfg(method="ties", **over):
     (cfg(models=[{"model": "/x", "parameters": {"weight": 1, "normalize": False}}]),
      r"models\[0\]\.parameters: normalize is a global parameter of ties; set it under `parameters`"),
     (cfg(models=[{"model": "/x", "parameters": {"density": 0.5}}]), r"models\[0\]\.parameters\.weight: missing"),
-    (cfg(models=None, slices=[{"sources": [{"model": "/x", "layer_range": [0, 2]}]}] * 2),
-     r"slices: 2 slices stitch layer ranges together, which is not implemented"),
+    (cfg("passthrough", base_model=None, models=None,
+         slices=[{"sources": [{"model": "/x", "layer_range": [0, 2]}, {"model": "/y", "layer_range": [0, 2]}]}]),
+     r"slices\[0\]\.sources: passthrough takes exactly 1 input model\(s\); got 2"),
+    (cfg(models=None, slices=[{"sources": [{"model": "/x", "layer_range": [0, 2], "parameters": {"weight": 1}},
+                                           {"model": NOWHERE + "/base", "layer_range": [0, 3]}]}]),
+     r"slices\[0\]\.sources: layer ranges of different lengths \[\[0, 2\], \[0, 3\]\]"),
+    (cfg(models=None, slices=[{"sources": [{"model": "/x", "layer_range": [0, 2], "parameters": {"weight": 1}}]}]),
+     r"base_model: '/nonexistent/model/base' is not one of slices\[0\]\.sources"),
+    (cfg(chat_template="chatmlx"), r"chat_template: 'chatmlx' is neither 'auto', a built-in template \(alpaca, "
+                                   r"chatml, exaone, llama3, mistral\) nor a Jinja template"),
     (cfg(models=None, slices=[{"sources": [{"model": "/x", "layer_range": [2, 1]}]}]),
      r"slices\[0\]\.sources\[0\]\.layer_range: expected \[start, end\] with 0 <= start < end; got \[2, 1\]"),
     (cfg(slices=[{"sources": [{"model": "/x", "layer_range": [0, 2]}]}]), r"slices, models: give the models one way"),
     (cfg(dtype="fp8"), r"dtype: 'fp8' is not supported; allowed: float32, bfloat16, float16, float64"),
     (cfg(out_dtype="int8"), r"out_dtype: 'int8' is not supported"),
-    (cfg(tokenizer_source="union"), r"tokenizer_source: 'union' is not supported; allowed: 'base' or a model path"),
+    (cfg(tokenizer_source=["a"]), r"tokenizer_source: expected 'base', 'union' or a model path; got \['a'\]"),
     (cfg(parameters={"rescale_mode": "l2"}), r"parameters\.rescale_mode: Input should be 'l1' or 'inverse_p'"),
     (cfg(parameters={"normalize": "maybe"}), r"parameters\.normalize: Input should be a valid boolean"),
     (cfg("slerp", models=[{"model": "/a"}, {"model": "/b"}], parameters={"t": 0.5}),

@@ -34,7 +34,6 @@ models:
 parameters:
   normalize: true
 dtype: float32
-tokenizer_source: base
 """
     (tmp_path / "ties.yml").write_text(text)
     run_recipe(load_recipe(tmp_path / "ties.yml"), tmp_path / "ours", seed=3)
@@ -102,8 +101,8 @@ def test_named_steps_draw_their_own_random_stream(zoo, tmp_path):
      r"\(.*\) or a local model folder with config\.json \(hub ids are not downloaded"),
     ("merge_method: linear\nmodels: [math, code]\nslices: []\n",
      r"recipe document 0: slices, models: give the models one way"),
-    ("merge_method: linear\nmodels: [math, code]\nchat_template: chatml\n",
-     r"chat_template: mergekit's 'chat_template' is not supported"),
+    ("merge_method: linear\nmodels: [math, code]\ntokenizer: {source: union}\n",
+     r"tokenizer: mergekit's 'tokenizer' is not supported"),
     ("merge_method: linear\nmodels: [math, later]\n---\nname: later\nmerge_method: linear\nmodels: [math, code]\n",
      r"models\[1\]\.model: step 'later' is defined later in the recipe"),
     ("name: a\nmerge_method: linear\nmodels: [math, code]\nparameters: {weight: 1}\n---\n"

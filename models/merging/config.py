@@ -35,14 +35,39 @@ class MergeConfigError(ValueError):
 
 
 CONFIG_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-               "tokenizer_source")
+               "tokenizer_source", "chat_template")
 # mergekit keys we know and refuse, with what to do instead (a silent ignore would merge something else).
 MERGEKIT_UNSUPPORTED = {
     "modules": "per-module merges are not implemented; use one config per model",
-    "tokenizer": "tokenizer surgery is not implemented; use tokenizer_source: base or a model folder",
-    "chat_template": "the tokenizer source's chat template is copied as it is",
+    "tokenizer": "per-token embedding sources are not implemented; use tokenizer_source: base | union | <model>",
 }
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute / output dtypes, by torch's names
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One `slices[j].sources[i]` entry: the input it reads, its layers and its own parameters."""
+
+    input: int  # index into MergeSpec.inputs
+    layer_range: tuple[int, int]
+    settings: dict
+    where: str  # "slices[1].sources[0]", for messages
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One output slice: its sources' layers, merged layer by layer, one after the other (mergekit's slices)."""
+
+    sources: list[SliceSource]
+    settings: dict  # the slice's `parameters`: between a source's own and the global ones
+    base: int | None  # position in `sources` of the base model; None when there is none or the method ignores it
+    where: str
+
+    @property
+    def n_layers(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
+
 
 @dataclass(frozen=True)
 class MergeSpec:
@@ -52,16 +77,19 @@ class MergeSpec:
     method: MergeMethod
     inputs: list[str]
     where: list[str]  # config key path of each input, for messages
-    settings: list[dict]  # per-input parameter settings
+    settings: list[dict]  # per-input parameter settings (`models` form; empty with `slices`)
     global_settings: dict
     base: int | None
     reference: int  # input whose config.json / generation_config.json the output gets
     dtype: torch.dtype | None  # compute dtype; None: each tensor as stored (mergekit without `dtype`)
     out_dtype: torch.dtype | None
-    tokenizer_source: str
-    # `slices`: each input's layer_range (None: the base_model added beside them); checked against the checkpoints
-    # once they are open (plan.check_layer_ranges): only full ranges, which merge as `models` would.
-    layer_ranges: list[tuple[int, int] | None] | None = None
+    # None: the reference's tokenizer files are copied and the embeddings kept as merged (mergekit without the
+    # key); "base" | "union" | a folder: the output vocabulary is built and every input's embedding rows are
+    # aligned to it before merging (vocab.py, mergekit's tokenizer/build.py + embed.py)
+    tokenizer_source: str | None
+    chat_template: str | None  # "auto", a built-in name or a Jinja template (vocab.chat_template)
+    slices: list[SliceSpec] | None = None  # `slices` form: planned layer by layer (plan.plan_slices)
+    base_input: int | None = None  # the input `base_model` names, whether or not the method merges over it
 
     def has_model_params(self, i: int) -> bool:
         return i != self.base
@@ -120,6 +148,48 @@ def _check_names(settings: Any, where: str, method: MergeMethod, allow_global: b
     return settings
 
 
+def _model_entry(entry: Any, at: str, keys: tuple[str, ...]) -> dict:
+    if isinstance(entry, str):  # mergekit accepts a bare model reference
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise MergeConfigError(f"{at}: expected {{{', '.join(keys)}}}; got {entry!r}")
+    extra = [k for k in entry if k not in keys]
+    if extra:
+        raise MergeConfigError(f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(keys)}")
+    return entry
+
+
+def _check_group(method: MergeMethod, group: str, n: int, base: int | None, counted_base: bool,
+                 scopes: list[list[dict]], where: list[str], inputs: list[str]) -> None:
+    """One group of inputs merged together (`models`, or one slice's sources): how many, and every required
+    per-model parameter set in one of each input's scopes (own, [slice,] global)."""
+    from .methods.base import describe, required_names
+
+    if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+        bounds = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
+                  else f"at least {method.min_inputs}" if method.max_inputs is None
+                  else f"{method.min_inputs} to {method.max_inputs}")
+        counted = " counting base_model" if counted_base else ""
+        raise MergeConfigError(f"{group}: {method.name} takes {bounds} input model(s){counted}; got {n}")
+    if method.models_besides_base is not None and n - (base is not None) != method.models_besides_base:
+        raise MergeConfigError(f"{group}: {method.name} merges exactly {method.models_besides_base} models besides "
+                               f"the base; got {n - (base is not None)}")
+    for i in range(n):
+        for name in required_names(method.model_params):
+            if i == base or any(name in s for s in scopes[i]):
+                continue
+            if where[i] == "base_model":
+                raise MergeConfigError(
+                    f"base_model ({inputs[i]}) is not listed under models, so it is added as an input of "
+                    f"{method.name} (as in mergekit) and needs {name!r}: list it under models with "
+                    f"parameters.{name}, or set parameters.{name}"
+                )
+            raise MergeConfigError(
+                f"{where[i]}.parameters.{name}: missing for {inputs[i]}; {method.name} needs it there or under "
+                f"parameters.{name}; per-model parameters: {describe(method.model_params)}"
+            )
+
+
 def validate_config(config: Mapping) -> MergeSpec:
     """Everything that can be checked from the config alone (no file is opened)."""
     # The registry imports torch: loaded here, so the pipeline's MergeConfig below validates without it.
@@ -139,43 +209,61 @@ def validate_config(config: Mapping) -> MergeSpec:
     if "merge_method" not in config:
         raise MergeConfigError("merge_method: missing")
     method = get_method(str(config["merge_method"]))
+    if "slices" in config and "models" in config:
+        raise MergeConfigError("slices, models: give the models one way, a list of `models` or `slices`")
 
-    layer_ranges, labels = None, None
+    global_settings = _check_names(config.get("parameters"), "parameters", method, allow_global=True)
+    for name in required_names(method.params):
+        if name not in global_settings and "slices" not in config:  # with slices: checked per slice
+            raise MergeConfigError(
+                f"parameters.{name}: required by {method.name}; parameters: {describe(method.params)}"
+            )
+    base_model = None if config.get("base_model") is None else str(config["base_model"])
     if "slices" in config:
-        if "models" in config:
-            raise MergeConfigError("slices, models: give the models one way, a list of `models` or `slices`")
-        config["models"], layer_ranges = _slice_sources(config.pop("slices"))
-        labels = [f"slices[0].sources[{i}]" for i in range(len(config["models"]))]
-    models = config.get("models")
+        inputs, where, settings, base, slices = _slices(config["slices"], base_model, method, global_settings)
+        reference = base if base is not None else slices[0].sources[0].input
+    else:
+        inputs, where, settings, base = _models(config.get("models"), base_model, method, global_settings)
+        reference, slices = (base if base is not None else 0), None
+    base_input = base
+    if method.base == "ignored":
+        base = None
+
+    source = config.get("tokenizer_source")
+    if source is not None and not isinstance(source, str):
+        raise MergeConfigError(f"tokenizer_source: expected 'base', 'union' or a model path; got {source!r}")
+    template = config.get("chat_template")
+    if template is not None:
+        from .vocab import check_chat_template
+
+        check_chat_template(template)
+    return MergeSpec(
+        method=method, inputs=inputs, where=where, settings=settings, global_settings=global_settings,
+        base=base, reference=reference, dtype=_dtype(config, "dtype"),
+        out_dtype=_dtype(config, "out_dtype") or _dtype(config, "dtype"), tokenizer_source=source,
+        chat_template=template, slices=slices, base_input=base_input,
+    )
+
+
+def _models(models: Any, base_model: str | None, method: MergeMethod, global_settings: dict):
+    """The `models` form: every input merged over all its layers; the base appended when not listed."""
     if not isinstance(models, list) or not models:
         raise MergeConfigError("models: expected a non-empty list of {model: <path>, parameters: {...}}")
     inputs, where, settings = [], [], []
     for i, entry in enumerate(models):
-        at = labels[i] if labels else f"models[{i}]"
-        if isinstance(entry, str):  # mergekit accepts a bare model reference
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise MergeConfigError(f"{at}: expected {{model: <path>, parameters: {{...}}}}; got {entry!r}")
-        extra = [k for k in entry if k not in ("model", "parameters")]
-        if extra:
-            raise MergeConfigError(f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: model, parameters")
+        at = f"models[{i}]"
+        entry = _model_entry(entry, at, ("model", "parameters"))
         path = str(entry["model"])
         if os.path.abspath(path) in map(os.path.abspath, inputs):
             raise MergeConfigError(f"{at}.model: {path!r} is listed twice")
         inputs.append(path)
         where.append(at)
         settings.append(_check_names(entry.get("parameters"), f"{at}.parameters", method, allow_global=False))
-
-    base_model = config.get("base_model")
     base = None
     if base_model is not None:
-        base_model = str(base_model)
         listed = [os.path.abspath(p) for p in inputs]
         if os.path.abspath(base_model) in listed:
             base = listed.index(os.path.abspath(base_model))
-        elif layer_ranges is not None:  # mergekit reads a slice's tensors from its sources only
-            raise MergeConfigError(f"base_model: {base_model!r} is not one of slices[0].sources; list it there "
-                                   "with the same layer_range")
         else:  # mergekit adds the base as an input when it is not listed under models
             inputs.append(base_model)
             where.append("base_model")
@@ -183,91 +271,96 @@ def validate_config(config: Mapping) -> MergeSpec:
             base = len(inputs) - 1
     if method.base == "required" and base is None:
         raise MergeConfigError(f"base_model: merge_method {method.name} needs a base model; none given")
-    reference = base if base is not None else 0
-    if method.base == "ignored":
-        base = None
-    elif base is not None and settings[base]:  # per-model parameters describe deltas from the base: the base has none
+    if method.base != "ignored" and base is not None and settings[base]:
+        # per-model parameters describe deltas from the base: the base has none
         log.warning("%s.parameters %s: ignored, %s does not weight its base model", where[base],
                     sorted(settings[base]), method.name)
-
-    n = len(inputs)
-    if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
-        bounds = (f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs
-                  else f"at least {method.min_inputs}" if method.max_inputs is None
-                  else f"{method.min_inputs} to {method.max_inputs}")
-        counted = " counting base_model" if base_model is not None else ""
-        raise MergeConfigError(f"models: {method.name} takes {bounds} input model(s){counted}; got {n}")
-    if method.models_besides_base is not None and n - (base is not None) != method.models_besides_base:
-        raise MergeConfigError(f"models: {method.name} merges exactly {method.models_besides_base} models besides "
-                               f"the base; got {n - (base is not None)}")
-
-    global_settings = _check_names(config.get("parameters"), "parameters", method, allow_global=True)
-    for name in required_names(method.params):
-        if name not in global_settings:
-            raise MergeConfigError(
-                f"parameters.{name}: required by {method.name}; parameters: {describe(method.params)}"
-            )
-    for i in range(n):
-        for name in required_names(method.model_params):
-            if i == base or name in settings[i] or name in global_settings:
-                continue
-            if where[i] == "base_model":
-                raise MergeConfigError(
-                    f"base_model ({inputs[i]}) is not listed under models, so it is added as an input of "
-                    f"{method.name} (as in mergekit) and needs {name!r}: list it under models with "
-                    f"parameters.{name}, or set parameters.{name}"
-                )
-            raise MergeConfigError(
-                f"{where[i]}.parameters.{name}: missing for {inputs[i]}; {method.name} needs it there or under "
-                f"parameters.{name}; per-model parameters: {describe(method.model_params)}"
-            )
-
-    source = config.get("tokenizer_source") or "base"
-    if source == "union":
-        raise MergeConfigError("tokenizer_source: 'union' is not supported; allowed: 'base' or a model path")
-    if not isinstance(source, str):
-        raise MergeConfigError(f"tokenizer_source: expected 'base' or a model path; got {source!r}")
-    tokenizer_source = inputs[reference] if source == "base" else source
-
-    return MergeSpec(
-        method=method, inputs=inputs, where=where, settings=settings, global_settings=global_settings,
-        base=base, reference=reference, dtype=_dtype(config, "dtype"),
-        out_dtype=_dtype(config, "out_dtype") or _dtype(config, "dtype"), tokenizer_source=tokenizer_source,
-        layer_ranges=layer_ranges,
-    )
+    _check_group(method, "models", len(inputs), base if method.base != "ignored" else None,
+                 base_model is not None, [[s, global_settings] for s in settings], where, inputs)
+    return inputs, where, settings, base
 
 
-def _slice_sources(slices: Any) -> tuple[list[dict], list[tuple[int, int]]]:
-    """mergekit's `slices` as `models` entries and each source's layer range. One slice whose sources each span
-    all their layers is the same merge as listing the models (mergekit gives identical tensors); stitched layer
-    ranges (frankenmerges) are not implemented and fail here, naming the key."""
+def _range(rng: Any, at: str) -> tuple[int, int]:
+    valid = isinstance(rng, list | tuple) and len(rng) == 2 and all(isinstance(x, int) for x in rng)
+    if not (valid and 0 <= rng[0] < rng[1]):
+        raise MergeConfigError(f"{at}.layer_range: expected [start, end] with 0 <= start < end; got {rng!r}")
+    return rng[0], rng[1]
+
+
+def _slices(slices: Any, base_model: str | None, method: MergeMethod, global_settings: dict):
+    """mergekit's `slices`: output layers made slice after slice, each from its sources' layer ranges (all the
+    same length), merged layer by layer. Embeddings come from the first slice's sources, the final norm and
+    lm_head from the last slice's (mergekit's plan.py). A slice's base is its own `base_model` or the config's,
+    and must be one of its sources (mergekit reads a slice's tensors from its sources only)."""
+    from .methods.base import describe, required_names
+
     if not isinstance(slices, list) or not slices:
         raise MergeConfigError(f"slices: expected a list of {{sources: [{{model, layer_range}}, ...]}}; got {slices!r}")
-    if len(slices) > 1:
-        raise MergeConfigError(f"slices: {len(slices)} slices stitch layer ranges together, which is not implemented; "
-                               "one slice whose sources span every layer is (or list the models under `models`)")
-    entry = slices[0]
-    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
-        raise MergeConfigError(f"slices[0]: expected {{sources: [{{model, layer_range}}, ...]}}; got {entry!r}")
-    extra = [k for k in entry if k != "sources"]
-    if extra:
-        raise MergeConfigError(f"slices[0]: key(s) {', '.join(map(repr, extra))} not supported; allowed: sources")
-    models, ranges = [], []
-    for i, source in enumerate(entry["sources"]):
-        at = f"slices[0].sources[{i}]"
-        if not isinstance(source, dict) or "model" not in source:
-            raise MergeConfigError(f"{at}: expected {{model: <path>, layer_range: [start, end]}}; got {source!r}")
-        extra = [k for k in source if k not in ("model", "layer_range", "parameters")]
+    inputs: list[str] = []
+    where: list[str] = []
+    out = []
+
+    def input_index(path: str, at: str) -> int:
+        key = os.path.abspath(path)
+        for i, p in enumerate(inputs):
+            if os.path.abspath(p) == key:
+                return i
+        inputs.append(path)
+        where.append(at)
+        return len(inputs) - 1
+
+    for j, piece in enumerate(slices):
+        at = f"slices[{j}]"
+        if not isinstance(piece, dict) or not isinstance(piece.get("sources"), list) or not piece["sources"]:
+            raise MergeConfigError(f"{at}: expected {{sources: [{{model, layer_range}}, ...]}}; got {piece!r}")
+        extra = [k for k in piece if k not in ("sources", "base_model", "parameters", "residual_weight")]
         if extra:
-            raise MergeConfigError(f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: model, "
-                                   "layer_range, parameters")
-        rng = source.get("layer_range")
-        valid = isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)
-        if not (valid and 0 <= rng[0] < rng[1]):
-            raise MergeConfigError(f"{at}.layer_range: expected [start, end] with 0 <= start < end; got {rng!r}")
-        models.append({k: v for k, v in source.items() if k != "layer_range"})
-        ranges.append((rng[0], rng[1]))
-    return models, ranges
+            raise MergeConfigError(f"{at}: unknown key(s) {', '.join(map(repr, extra))}; allowed: sources, "
+                                   "base_model, parameters")
+        if "residual_weight" in piece:
+            log.warning("%s.residual_weight: has no effect (mergekit 0.1.5 ignores it too)", at)
+        slice_settings = _check_names(piece.get("parameters"), f"{at}.parameters", method, allow_global=True)
+        sources = []
+        for i, entry in enumerate(piece["sources"]):
+            src_at = f"{at}.sources[{i}]"
+            entry = _model_entry(entry, src_at, ("model", "layer_range", "parameters"))
+            if "layer_range" not in entry:
+                raise MergeConfigError(f"{src_at}.layer_range: missing; expected [start, end]")
+            path = str(entry["model"])
+            idx = input_index(path, src_at)
+            if any(s.input == idx for s in sources):
+                raise MergeConfigError(f"{src_at}.model: {path!r} is listed twice in {at}")
+            sources.append(SliceSource(idx, _range(entry["layer_range"], src_at),
+                                       _check_names(entry.get("parameters"), f"{src_at}.parameters", method,
+                                                    allow_global=False), src_at))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            raise MergeConfigError(f"{at}.sources: layer ranges of different lengths "
+                                   f"{[list(s.layer_range) for s in sources]}; a slice merges layer by layer")
+        slice_base = piece.get("base_model", base_model)
+        base = None
+        if slice_base is not None and method.base != "ignored":
+            found = [k for k, s in enumerate(sources)
+                     if os.path.abspath(inputs[s.input]) == os.path.abspath(str(slice_base))]
+            if not found:
+                key = f"{at}.base_model" if "base_model" in piece else "base_model"
+                raise MergeConfigError(f"{key}: {slice_base!r} is not one of {at}.sources; list it there "
+                                       "with a layer_range of the same length")
+            base = found[0]
+        if method.base == "required" and base is None:
+            raise MergeConfigError(f"base_model: merge_method {method.name} needs a base model; none given for {at}")
+        for name in required_names(method.params):
+            if name not in slice_settings and name not in global_settings:
+                raise MergeConfigError(f"parameters.{name}: required by {method.name} (or {at}.parameters."
+                                       f"{name}); parameters: {describe(method.params)}")
+        _check_group(method, f"{at}.sources", len(sources), base, False,
+                     [[s.settings, slice_settings, global_settings] for s in sources], [s.where for s in sources],
+                     [inputs[s.input] for s in sources])
+        out.append(SliceSpec(sources, slice_settings, base, at))
+    base = None
+    if base_model is not None:  # the output's config.json comes from the base (mergekit), listed or not
+        base = input_index(base_model, "base_model")
+    return inputs, where, [{} for _ in inputs], base, out
 
 
 # ------------------------------------------------------------------------------------ the pipeline's merge stage

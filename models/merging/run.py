@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, ShardWriter
 from .config import MergeSpec, plain_data, validate_config
 from .methods.base import MergeConfigError
 from .plan import TensorJob, model_scope_trim, output_config, plan
+from .vocab import Vocabulary, build_vocabulary, resolve_chat_template
 from .values import tensor_generator
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ def run_merge(
     spec = validate_config(config)
     out_dir = Path(out_dir)
     out_real = out_dir.resolve()
-    for path in [*spec.inputs, spec.tokenizer_source]:  # never replace what is being read, overwrite or not
+    named_source = spec.tokenizer_source not in (None, "base", "union")
+    for path in [*spec.inputs, *([spec.tokenizer_source] if named_source else [])]:
+        # never replace what is being read, overwrite or not
         real = Path(path).resolve()
         if real == out_real or out_real in real.parents:
             raise MergeConfigError(f"output folder {out_dir} is {'' if real == out_real else 'a parent of '}the "
@@ -67,28 +70,29 @@ def run_merge(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     ckpts = [Checkpoint(p) for p in spec.inputs]
-    if not Path(spec.tokenizer_source).is_dir():
-        raise MergeConfigError(f"tokenizer_source: {spec.tokenizer_source!r} is not a folder")
-    jobs = model_scope_trim(spec, ckpts, plan(spec, ckpts))
+    if named_source and not Path(spec.tokenizer_source).is_dir():
+        raise MergeConfigError(f"tokenizer_source: {spec.tokenizer_source!r} is neither 'base', 'union' nor a folder")
+    vocab = build_vocabulary(spec, ckpts) if spec.tokenizer_source is not None else None
+    rows = vocab.rows if vocab is not None else None
+    jobs = model_scope_trim(spec, ckpts, plan(spec, ckpts, rows))
     log.info("merge %s: %d tensors from %d models", spec.method.name, len(jobs), len(ckpts))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0700 would make the merged model unreadable to anyone else (umask applies here)
-    layout = [(job.name, job.out_dtype, ckpts[spec.reference].shape(job.sources[spec.reference])) for job in jobs]
+    layout = [(job.name, job.out_dtype, job.shape) for job in jobs]
     writer = None
     try:
         writer = ShardWriter(tmp, max_shard_size, layout)  # headers from the plan; tensors stream into place
-        merged = _merged_in_order(spec, ckpts, jobs, seed, workers)
+        merged = _merged_in_order(spec, ckpts, jobs, seed, workers, vocab)
         for job, tensor in tqdm(zip(jobs, merged), total=len(jobs), desc=f"merge {spec.method.name}", unit="tensor"):
             writer.add(job.name, tensor)
         files = writer.finish()
-        (tmp / "config.json").write_text(json.dumps(output_config(spec, ckpts, jobs), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(output_config(spec, ckpts, jobs, rows), indent=2) + "\n")
         ref = Path(spec.inputs[spec.reference])
-        for src, names in ((ref, ("generation_config.json",)), (Path(spec.tokenizer_source), TOKENIZER_FILES)):
-            for file in names:
-                if (src / file).exists():
-                    shutil.copy(src / file, tmp / file)
+        if (ref / "generation_config.json").exists():
+            shutil.copy(ref / "generation_config.json", tmp)
+        _write_tokenizer(spec, vocab, tmp)
         record = record if record is not None else {"config": plain_data(config), "seed": seed}
         (tmp / "merge_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         _move_into_place(tmp, out_dir)
@@ -101,8 +105,29 @@ def run_merge(
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def _write_tokenizer(spec: MergeSpec, vocab: Vocabulary | None, out: Path) -> None:
+    """The reference's tokenizer files, copied as they are; re-saved by transformers when the vocabulary was
+    built (tokenizer_source) or a chat_template is set (as mergekit does)."""
+    tokenizer = vocab.tokenizer if vocab is not None else None
+    if tokenizer is None and spec.chat_template is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.inputs[spec.reference])
+    if tokenizer is None:
+        ref = Path(spec.inputs[spec.reference])
+        for file in TOKENIZER_FILES:
+            if (ref / file).exists():
+                shutil.copy(ref / file, out / file)
+        return
+    if spec.chat_template is not None:
+        template = resolve_chat_template(spec)
+        if template is not None:
+            tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+
+
 def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[TensorJob], seed: int,
-                     workers: int) -> Iterator[torch.Tensor]:
+                     workers: int, vocab: Vocabulary | None = None) -> Iterator[torch.Tensor]:
     """Each job's output tensor, in job order, with up to `workers` tensors being merged at a time.
 
     Jobs are submitted ahead while the inputs of the not-yet-written ones fit in `workers` times the largest
@@ -110,8 +135,8 @@ def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[Tensor
     stays what `workers` jobs of the largest tensor would take.
     """
     def job_bytes(job: TensorJob) -> int:
-        return sum(math.prod(ck.shape(src)) * (spec.dtype or ck.dtype(src)).itemsize
-                   for ck, src in zip(ckpts, job.sources))
+        return sum(math.prod(ckpts[i].shape(src)) * (spec.dtype or ckpts[i].dtype(src)).itemsize
+                   for i, src in zip(job.inputs, job.sources))
 
     sizes = [job_bytes(job) for job in jobs]
     budget = workers * max(sizes, default=0)
@@ -123,24 +148,27 @@ def _merged_in_order(spec: MergeSpec, ckpts: list[Checkpoint], jobs: list[Tensor
                 future, done = pending.popleft()
                 queued -= done
                 yield future.result()
-            pending.append((pool.submit(_merge_tensor, spec, ckpts, job, seed), size))
+            pending.append((pool.submit(_merge_tensor, spec, ckpts, job, seed, vocab), size))
             queued += size
         while pending:
             yield pending.popleft()[0].result()
 
 
-def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed: int) -> torch.Tensor:
+def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed: int,
+                  vocab: Vocabulary | None = None) -> torch.Tensor:
     if job.params is None:
-        return ckpts[spec.reference].get(job.sources[spec.reference])
+        return ckpts[job.inputs[job.reference]].get(job.sources[job.reference])
     # Without a `dtype` key each tensor is merged in the dtype it is stored in, as mergekit does (bf16 checkpoints
     # merge in bf16; slerp and the like take their coefficients in float32 themselves).
-    xs = [ck.get(src) if spec.dtype is None else ck.get(src).to(spec.dtype) for ck, src in zip(ckpts, job.sources)]
-    base = xs.pop(spec.base) if spec.base is not None else None
+    xs = [ckpts[i].get(src) if spec.dtype is None else ckpts[i].get(src).to(spec.dtype)
+          for i, src in zip(job.inputs, job.sources)]
+    if job.vocab:
+        xs = vocab.align(xs, list(job.inputs))
+    base = xs.pop(job.base) if job.base is not None else None
     out = spec.method.fn(base, xs, job.models, job.params, tensor_generator(seed, job.name))
-    expected = ckpts[spec.reference].shape(job.sources[spec.reference])
-    if tuple(out.shape) != expected:
+    if tuple(out.shape) != job.shape:
         raise RuntimeError(
-            f"{spec.method.name} returned shape {list(out.shape)} for {job.name}; expected {list(expected)}"
+            f"{spec.method.name} returned shape {list(out.shape)} for {job.name}; expected {list(job.shape)}"
         )
     return out.to(job.out_dtype)
 
