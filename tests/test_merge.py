@@ -689,8 +689,8 @@ def cfg(method="ties", **over):
      r"parameters\.density\[0\]\.value: Input should be greater than 0"),
     (cfg(parameters={"densty": 0.5}),
      r"parameters: unknown parameter\(s\) 'densty' for ties; allowed: weight, density"),
-    (cfg(models=[{"model": "/x", "parameters": {"weight": 1, "normalize": False}}]),
-     r"models\[0\]\.parameters: normalize is a global parameter of ties; set it under `parameters`"),
+    (cfg(models=[{"model": "/x", "parameters": {"weight": 1, "normalise": False}}]),
+     r"models\[0\]\.parameters: unknown parameter\(s\) 'normalise' for ties; allowed: weight, density"),
     (cfg(models=[{"model": "/x", "parameters": {"density": 0.5}}]), r"models\[0\]\.parameters\.weight: missing"),
     (cfg("passthrough", base_model=None, models=None,
          slices=[{"sources": [{"model": "/x", "layer_range": [0, 2]}, {"model": "/y", "layer_range": [0, 2]}]}]),
@@ -717,8 +717,8 @@ def cfg(method="ties", **over):
      r"base_model \(/nonexistent/model/base\) is not listed under models.*needs 'weight'"),
     (cfg("passthrough", base_model=None, models=[{"model": "/a"}, {"model": "/b"}]),
      r"models: passthrough takes exactly 1 input model\(s\); got 2"),
-    (cfg("slerp", models=[{"model": "/a", "parameters": {"weight": 1}}], parameters={"t": 0.5}),
-     r"models\[0\]\.parameters: unknown parameter\(s\) 'weight' for slerp; allowed: none"),
+    (cfg("slerp", models=[{"model": "/a", "parameters": {"wheight": 1}}], parameters={"t": 0.5}),
+     r"models\[0\]\.parameters: unknown parameter\(s\) 'wheight' for slerp; allowed: none"),
     (cfg(models=[{"model": "/x", "parameters": {"weight": 1}, "weights": 2}]),
      r"models\[0\]: unknown key\(s\) 'weights'"),
     (cfg(models=[{"model": "/x", "parameters": {"weight": [{"filter": 3, "value": 1}]}}]),
@@ -853,3 +853,93 @@ def test_argsort_magnitudes_is_torch_argsort_including_ties(descending, shape, d
     w.view(-1)[:500] = 0.0
     expected = torch.argsort(w, dim=dim, descending=descending)
     assert torch.equal(argsort_magnitudes(w, descending=descending, dim=dim), expected)
+
+
+# ----------------------------------------------------------------------------- tokenizer_source and chat_template
+
+WORDS = ["<unk>", "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "it", "is"]
+
+
+def word_tokenizer(path, added=(), template=None):
+    """A 12-word tokenizer (plus `added` special tokens after them) saved into a model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    if added:
+        fast.add_tokens(list(added), special_tokens=True)
+    if template:
+        fast.chat_template = template
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vocab_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab_models")
+    a = word_tokenizer(tiny_llama(root / "a", 11, vocab=12), template="{{ 'A' }}{% for m in messages %}{% endfor %}")
+    b = word_tokenizer(tiny_llama(root / "b", 12, vocab=14), added=("<think>", "</think>"),
+                       template="{{ 'B' }}{% for m in messages %}{% endfor %}")
+    c = word_tokenizer(tiny_llama(root / "c", 13, vocab=12), template="{{ 'B' }}{% for m in messages %}{% endfor %}")
+    padded = word_tokenizer(tiny_llama(root / "padded", 14, vocab=16))  # 16 rows, 12 tokens (Qwen-style padding)
+    return {"a": a, "b": b, "c": c, "padded": padded}
+
+
+def test_tokenizer_source_union_aligns_rows_and_resizes(vocab_models, tmp_path):
+    """union: a's 12 words, then b's two added tokens (ids 12, 13). a lacks them, so its rows for them are b's
+    (the only model that has them, as mergekit does): the average keeps b's rows there; vocab_size follows."""
+    from transformers import AutoTokenizer
+
+    a, b = vocab_models["a"], vocab_models["b"]
+    config = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+              "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}
+    run_merge(config, tmp_path / "union", seed=0)
+    out, wa, wb = weights(tmp_path / "union"), weights(a), weights(b)
+    emb = "model.embed_tokens.weight"
+    assert out[emb].shape == (14, 64)
+    assert torch.equal(out[emb][:12], (0.5 * wa[emb] + 0.5 * wb[emb][:12]) / 1.0)
+    assert torch.equal(out[emb][12:], wb[emb][12:])
+    assert json.loads((tmp_path / "union" / "config.json").read_text())["vocab_size"] == 14
+    tok = AutoTokenizer.from_pretrained(tmp_path / "union")
+    assert len(tok) == 14 and tok.convert_tokens_to_ids(["<think>", "</think>", "cat"]) == [12, 13, 3]
+
+
+def test_tokenizer_source_base_drops_padding_rows(vocab_models, tmp_path):
+    """base: the base's tokenizer without ids past its vocab_size; rows past the tokenizer's length (padding)
+    are dropped from every vocabulary tensor, and vocab_size is the tokenizer's length (mergekit)."""
+    p, a = vocab_models["padded"], vocab_models["a"]
+    config = {"merge_method": "task_arithmetic", "base_model": str(p), "dtype": "float32", "tokenizer_source": "base",
+              "models": [{"model": str(a), "parameters": {"weight": 0.3}}]}
+    run_merge(config, tmp_path / "base", seed=0)
+    out, wp, wa = weights(tmp_path / "base"), weights(p), weights(a)
+    emb = "model.embed_tokens.weight"
+    assert out[emb].shape == (12, 64)
+    assert torch.equal(out[emb], wp[emb][:12] + 0.3 * (wa[emb] - wp[emb][:12]))
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["vocab_size"] == 12
+    # without tokenizer_source the vocabularies must agree, and the message says how to align them
+    with pytest.raises(ValueError, match=r"different shapes across models.*set tokenizer_source"):
+        run_merge({**config, "tokenizer_source": None}, tmp_path / "none", seed=0)
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("chatml", "builtin"),
+    ("auto", "{{ 'B' }}{% for m in messages %}{% endfor %}"),  # b and c share it: the plurality
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "same"),
+])
+def test_chat_template(vocab_models, tmp_path, template, expected):
+    from transformers import AutoTokenizer
+
+    from branchmerge.models.merging.vocab import CHAT_TEMPLATES
+
+    """A built-in name is mergekit's file of that name, `auto` the template most inputs share, anything else the
+    template itself; with tokenizer_source (the tokenizer is built) and without (the reference's is re-saved)."""
+    names = ("a", "c") if expected == "same" else ("a", "c", "b")  # b's vocabulary needs tokenizer_source
+    config = {"merge_method": "linear", "dtype": "float32", "chat_template": template,
+              "models": [{"model": str(vocab_models[k]), "parameters": {"weight": 1.0}} for k in names],
+              **({"tokenizer_source": "union"} if "b" in names else {})}
+    run_merge(config, tmp_path / "out", seed=0)
+    got = AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+    want = {"builtin": (CHAT_TEMPLATES / "chatml.jinja").read_text(), "same": template}.get(expected, expected)
+    assert got == want

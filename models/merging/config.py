@@ -126,16 +126,16 @@ def _check_names(settings: Any, where: str, method: MergeMethod, allow_global: b
         return {}
     if not isinstance(settings, dict):
         raise MergeConfigError(f"{where}: expected a mapping of parameter names to values; got {settings!r}")
-    ignored = [k for k in settings if k in method.ignored_model_params and not allow_global]
-    if ignored:
-        log.warning("%s: %s has no effect on %s (mergekit ignores it too)", where, ", ".join(ignored), method.name)
-        settings = {k: v for k, v in settings.items() if k not in ignored}
     allowed = method.model_names() + (method.global_names() if allow_global else [])
-    misplaced = [k for k in settings if k in method.global_names() and not allow_global]
-    if misplaced:
-        raise MergeConfigError(
-            f"{where}: {', '.join(misplaced)} is a global parameter of {method.name}; set it under `parameters`"
-        )
+    # mergekit 0.1.5 ignores a parameter its method does not read (published configs carry `normalize` on sce,
+    # a per-model `lambda` on della, `weight` on karcher): so do we, loudly. A name no method knows is a typo
+    # and fails below.
+    ignored = [k for k in settings if k not in allowed and k in _known_names()]
+    if ignored:
+        misplaced = [k for k in ignored if k in method.global_names()]
+        log.warning("%s: %s has no effect on %s%s (mergekit ignores it too)", where, ", ".join(ignored), method.name,
+                    f" here; {', '.join(misplaced)} is read only under `parameters`" if misplaced else "")
+        settings = {k: v for k, v in settings.items() if k not in ignored}
     unknown = [k for k in settings if k not in allowed]
     if unknown:
         raise MergeConfigError(
@@ -146,6 +146,13 @@ def _check_names(settings: Any, where: str, method: MergeMethod, allow_global: b
         schema = method.params if name in method.global_names() else method.model_params
         check_setting(setting, f"{where}.{name}", lambda v, at, s=schema, n=name: validate_value(s, n, v, at))
     return settings
+
+
+def _known_names() -> set[str]:
+    """Every parameter name any registered method reads."""
+    from .registry import METHODS
+
+    return {n for m in METHODS.values() for n in (*m.global_names(), *m.model_names())}
 
 
 def _model_entry(entry: Any, at: str, keys: tuple[str, ...]) -> dict:

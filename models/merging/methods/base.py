@@ -56,9 +56,6 @@ class MergeMethod:
     # run per tensor while planning, before any weight is read. Raise ValueError.
     check: Callable[[Any, list[Any]], None] | None = None
     reference: str = ""
-    # Per-model parameter names mergekit accepts for this method and ignores (karcher's `weight`): accepted here
-    # too, with a warning that they change nothing, so published configs run unchanged.
-    ignored_model_params: tuple[str, ...] = ()
 
     def global_names(self) -> list[str]:
         return parameter_names(self.params)

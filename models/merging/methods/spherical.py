@@ -209,6 +209,5 @@ METHODS = [
     ),
     MergeMethod(
         name="karcher", fn=karcher, params=KarcherParams, min_inputs=1, reference="en.wikipedia.org/wiki/Karcher_mean",
-        ignored_model_params=("weight",),
     ),
 ]
