@@ -1,7 +1,7 @@
 """Our merge engine vs mergekit on three real fine-tunes of SmolLM2-135M-Instruct: same answers, time, memory.
 
     flock /tmp/bm_cpu.lock .venv/bin/python bench/merge_vs_mergekit.py [--methods ties,linear] [--repeats 3]
-        [--keep] [--out results.json]
+        [--variants float32,bfloat16] [--keep] [--out results.json]
 
 For every method both registries have at run time, one mergekit-shaped config (merge_config below) is merged by
 `mergekit-yaml` and by our `run_merge`, each in a fresh process wrapped so that its wall time and peak RSS are
@@ -15,7 +15,10 @@ First use builds, under $BRANCHMERGE_CACHE (default ~/.cache/branchmerge):
   plain torch requirement would pull a multi-GB CUDA build);
 - bench/merge_vs_mergekit/: the SmolLM2 base as an fp32 HF folder, and three fine-tunes of it, one per
   domain of conf/data/reasoning_gym.yaml: SFT_STEPS optimizer steps of our SFT (conf/sft/full.yaml) on the
-  domain's one-shot prompts with reasoning-gym's gold answers as worked completions (no teacher needed).
+  domain's one-shot prompts with reasoning-gym's gold answers as worked completions (no teacher needed);
+- bench/merge_vs_mergekit-bf16/: the same four models stored in bfloat16, as real checkpoints are. Their
+  configs have no `dtype` key, so both tools merge in the stored bf16 (mergekit's default; slerp-like
+  methods take their coefficients in float32 inside), and must still agree to 1e-6.
 """
 from __future__ import annotations
 
@@ -165,12 +168,42 @@ def prepare_models() -> tuple[Path, list[Path]]:
     return base, fts
 
 
+def bf16_models(base: Path, fts: list[Path]) -> tuple[Path, list[Path]]:
+    """The four models cast to bfloat16 (config dtype too), built once and cached."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from branchmerge.models.lm.hf import atomic_dir, publish_dir
+
+    folder = cache_root() / "bench" / "merge_vs_mergekit-bf16"
+    out = []
+    for src in (base, *fts):
+        dst = folder / src.name
+        out.append(dst)
+        if (dst / "config.json").exists():
+            continue
+        tmp = atomic_dir(dst)
+        for f in src.iterdir():
+            if f.suffix == ".safetensors":
+                tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(f).items()}
+                save_file(tensors, tmp / f.name, metadata={"format": "pt"})
+            elif f.name == "config.json":
+                config = json.loads(f.read_text())
+                config.update({k: "bfloat16" for k in ("dtype", "torch_dtype") if k in config} or {"dtype": "bfloat16"})
+                (tmp / f.name).write_text(json.dumps(config, indent=2))
+            elif f.is_file():
+                shutil.copy(f, tmp / f.name)
+        publish_dir(tmp, dst)
+    return out[0], out[1:]
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 
-def merge_config(method: str, base: Path, fts: list[Path]) -> dict | None:
+def merge_config(method: str, base: Path, fts: list[Path], variant: str = "float32") -> dict | None:
     """One mergekit config per method, parameters chosen so each method does real work on these models
-    (densities < 1, unequal weights, lambda != 1). None: a method this bench has no config for yet."""
+    (densities < 1, unequal weights, lambda != 1). None: a method this bench has no config for yet. bfloat16:
+    no `dtype` key (each tool merges in the inputs' bf16)."""
     b, (a, g, c) = str(base), map(str, fts)
 
     def models(paths, **per_model):
@@ -208,7 +241,7 @@ def merge_config(method: str, base: Path, fts: list[Path]) -> dict | None:
     }
     if method not in configs:
         return None
-    config = {"merge_method": method, **configs[method], "dtype": "float32"}
+    config = {"merge_method": method, **configs[method], **({"dtype": "float32"} if variant == "float32" else {})}
     for m in config["models"]:
         if not m["parameters"]:
             del m["parameters"]
@@ -219,7 +252,7 @@ def probe_config(method: str, config: dict, base: Path, ft: Path) -> dict:
     """The random method on one fine-tune with weight 1: output - base = its sparsified delta alone."""
     params = dict(next(m for m in config["models"] if m["model"] != str(base))["parameters"], weight=1.0)
     return {"merge_method": method, "base_model": str(base), "models": [{"model": str(ft), "parameters": params}],
-            "dtype": "float32"}
+            **({"dtype": config["dtype"]} if "dtype" in config else {})}
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -321,11 +354,11 @@ def random_tensors(method: str):
 
 
 def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Path], work: Path, repeats: int,
-                 env: dict, keep: bool) -> dict:
+                 env: dict, keep: bool, variant: str = "float32") -> dict:
     from branchmerge.models.merging.config import validate_config
 
     validate_config(config)  # a config ours rejects fails here, before any timing
-    d = work / method
+    d = work / f"{method}-{variant}"
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(config, indent=2))
     (d / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -333,7 +366,7 @@ def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Pa
     for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
         theirs.append(run_mergekit(venv, d / "config.yml", d / "mergekit", env))
         ours.append(run_ours(d / "config.json", d / "ours", env))
-    row = {"method": method, "config": config,
+    row = {"method": method, "variant": variant, "config": config,
            "ours_s": statistics.median(r["seconds"] for r in ours),
            "mergekit_s": statistics.median(r["seconds"] for r in theirs),
            "ours_rss_mb": statistics.median(r["peak_rss_mb"] for r in ours),
@@ -364,16 +397,16 @@ def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Pa
 
 def print_table(rows: list[dict]) -> None:
     """A Markdown table (pastes into bench/RESULTS.md), then notes and a summary line."""
-    print("| method | max\\|Δ\\| | pass | ours s | mergekit s | time ratio | ours peak RSS MB | mergekit peak RSS MB "
-          "| RSS ratio |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | inputs | max\\|Δ\\| | pass | ours s | mergekit s | time ratio | ours peak RSS MB | "
+          "mergekit peak RSS MB | RSS ratio |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         status = {"ok": "yes", "FAIL": "**NO**", "random": "random (not comparable)"}[r["status"]]
         diff = r["random_max_abs"] if r["status"] == "random" else r["max_abs"]
-        print(f"| {r['method']} | {diff:.2e} | {status} | {r['ours_s']:.2f} | {r['mergekit_s']:.2f} | "
+        print(f"| {r['method']} | {r['variant']} | {diff:.2e} | {status} | {r['ours_s']:.2f} | {r['mergekit_s']:.2f} | "
               f"{r['time_ratio']:.2f}x | {r['ours_rss_mb']:.0f} | {r['mergekit_rss_mb']:.0f} | {r['rss_ratio']:.2f}x |")
     for r in rows:
-        notes = []
+        notes, label = [], f"{r['method']} ({r['variant']})"
         if r["status"] == "FAIL":
             notes.append(f"worst tensor {r['worst_tensor']} (|Δ| {r['max_abs']:.3e})")
         if r["status"] == "random":
@@ -385,7 +418,7 @@ def print_table(rows: list[dict]) -> None:
         if r["only_ours"] or r["only_mergekit"]:
             notes.append(f"only in ours: {r['only_ours']}, only in mergekit: {r['only_mergekit']}")
         for n in notes:
-            print(f"- {r['method']}: {n}")
+            print(f"- {label}: {n}")
     judged = [r for r in rows if r["status"] != "random"]
     passed = sum(r["status"] == "ok" for r in judged)
     geo = lambda xs: statistics.geometric_mean(xs) if xs else float("nan")  # noqa: E731
@@ -408,6 +441,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", help="comma list (default: every method both registries have)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tool and method; the median is reported")
+    parser.add_argument("--variants", default="float32,bfloat16",
+                        help="input dtypes: float32 (dtype: float32 configs), bfloat16 (bf16 models, no dtype key)")
     parser.add_argument("--keep", action="store_true", help="keep the merged folders (printed at the end)")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -428,27 +463,37 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: {unknown} not in both registries; shared: {shared}")
 
+    variants = args.variants.split(",")
+    if set(variants) - {"float32", "bfloat16"}:
+        raise SystemExit(f"--variants: {variants}; allowed: float32, bfloat16")
     base, fts = prepare_models()
-    warm_page_cache([base, *fts])
+    models = {"float32": (base, fts)}
+    if "bfloat16" in variants:
+        models["bfloat16"] = bf16_models(base, fts)
+    warm_page_cache([p for b, f in models.values() for p in (b, *f)])
     work = Path(tempfile.mkdtemp(prefix="merge-vs-mergekit-", dir=cache_root() / "bench"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
     ours_start, mergekit_start = startup(venv, args.repeats, env)
     print(f"start-up per run: ours (import models.merging.run) {ours_start:.2f} s, mergekit (mergekit-yaml --help) "
           f"{mergekit_start:.2f} s", flush=True)
     rows = []
-    for method in methods:
-        config = merge_config(method, base, fts)
-        if config is None:
-            raise SystemExit(f"{method}: no config for it in merge_config(): add one, the bench skips nothing")
-        t0 = time.perf_counter()
-        rows.append(bench_method(method, config, venv, base, fts, work, args.repeats, env, args.keep))
-        r = rows[-1]
-        diff = r["random_max_abs"] if r["status"] == "random" else r["max_abs"]
-        print(f"{method}: ours {r['ours_runs_s']} s, mergekit {r['mergekit_runs_s']} s, max|Δ| {diff:.2e} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    print()
-    if rows:
-        print_table(rows)
+    for variant in variants:
+        for method in methods:
+            vbase, vfts = models[variant]
+            config = merge_config(method, vbase, vfts, variant)
+            if config is None:
+                raise SystemExit(f"{method}: no config for it in merge_config(): add one, the bench skips nothing")
+            t0 = time.perf_counter()
+            rows.append(bench_method(method, config, venv, vbase, vfts, work, args.repeats, env, args.keep,
+                                     variant))
+            r = rows[-1]
+            diff = r["random_max_abs"] if r["status"] == "random" else r["max_abs"]
+            print(f"{method} ({variant}): ours {r['ours_runs_s']} s, mergekit {r['mergekit_runs_s']} s, max|Δ| {diff:.2e} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for variant in variants:  # one table and summary per input dtype
+        print()
+        if any(r["variant"] == variant for r in rows):
+            print_table([r for r in rows if r["variant"] == variant])
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2, default=str) + "\n")
     if args.keep:

@@ -829,8 +829,9 @@ def test_checkpoint_reads_what_safetensors_wrote(tmp_path):
 
 @pytest.mark.parametrize("shape,dtype", [((3, 257, 33), torch.float32), ((2, 1000), torch.float32),
                                          ((4, 333, 7), torch.bfloat16), ((1, 50), torch.float32),
-                                         ((5, 999), torch.float16)])
+                                         ((5, 999), torch.float16), ((3, 1100, 1000), torch.bfloat16)])
 def test_population_variance_is_torch_var_bit_for_bit(shape, dtype):
+    """Also over more positions than one Welford pass takes (VARIANCE_CHUNK: 1,100,000 > 2^20)."""
     from branchmerge.models.merging.methods.sce import population_variance
 
     g = torch.Generator().manual_seed(sum(shape))
@@ -943,3 +944,13 @@ def test_chat_template(vocab_models, tmp_path, template, expected):
     got = AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
     want = {"builtin": (CHAT_TEMPLATES / "chatml.jinja").read_text(), "same": template}.get(expected, expected)
     assert got == want
+
+
+def test_a_merge_never_writes_non_finite_values(folders, tmp_path):
+    """Finite inputs, an output that overflows float16 (weights 1e7, no normalising): the merge fails naming the
+    tensor and publishes nothing, rather than writing inf (mergekit would)."""
+    config = {"merge_method": "linear", "out_dtype": "float16", "parameters": {"normalize": False},
+              "models": [{"model": str(folders["a"]), "parameters": {"weight": 1e7}}]}
+    with pytest.raises(RuntimeError, match=r"linear produced \d+ non-finite value\(s\) in .* from finite inputs"):
+        run_merge(config, tmp_path / "inf", seed=0)
+    assert not (tmp_path / "inf").exists() and not list(tmp_path.glob(".inf*"))

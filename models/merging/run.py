@@ -170,7 +170,15 @@ def _merge_tensor(spec: MergeSpec, ckpts: list[Checkpoint], job: TensorJob, seed
         raise RuntimeError(
             f"{spec.method.name} returned shape {list(out.shape)} for {job.name}; expected {list(job.shape)}"
         )
-    return out.to(job.out_dtype)
+    out = out.to(job.out_dtype)
+    # A merge never writes NaN / inf its inputs did not hold (one pass over the output; the inputs are looked at
+    # only when it fails): the folder is not published, nothing half-merged is left behind.
+    if not bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(x).all()) for x in [*xs, base]
+                                                   if x is not None):
+        bad = int((~torch.isfinite(out)).sum())
+        raise RuntimeError(f"{spec.method.name} produced {bad} non-finite value(s) in {job.name} from finite inputs "
+                           f"(out_dtype {str(job.out_dtype).removeprefix('torch.')} overflow?); nothing was written")
+    return out
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
