@@ -364,7 +364,17 @@ def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Pa
     (d / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     ours, theirs = [], []
     for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
-        theirs.append(run_mergekit(venv, d / "config.yml", d / "mergekit", env))
+        try:
+            theirs.append(run_mergekit(venv, d / "config.yml", d / "mergekit", env))
+        except RuntimeError as err:  # mergekit refuses what we merge: a row that says so, the bench goes on
+            ours.append(run_ours(d / "config.json", d / "ours", env))
+            last = [line for line in str(err).splitlines() if line.strip()][-1]
+            row = {"method": method, "variant": variant, "config": config, "status": "mergekit-error",
+                   "mergekit_error": last, "ours_s": ours[-1]["seconds"], "ours_rss_mb": ours[-1]["peak_rss_mb"],
+                   "ours_runs_s": [round(ours[-1]["seconds"], 2)], "mergekit_runs_s": []}
+            if not keep:
+                shutil.rmtree(d, ignore_errors=True)
+            return row
         ours.append(run_ours(d / "config.json", d / "ours", env))
     row = {"method": method, "variant": variant, "config": config,
            "ours_s": statistics.median(r["seconds"] for r in ours),
@@ -400,6 +410,8 @@ def print_table(rows: list[dict]) -> None:
     print("| method | inputs | max\\|Δ\\| | pass | ours s | mergekit s | time ratio | ours peak RSS MB | "
           "mergekit peak RSS MB | RSS ratio |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    failed = [r for r in rows if r["status"] == "mergekit-error"]
+    rows = [r for r in rows if r["status"] != "mergekit-error"]
     for r in rows:
         status = {"ok": "yes", "FAIL": "**NO**", "random": "random (not comparable)"}[r["status"]]
         diff = r["random_max_abs"] if r["status"] == "random" else r["max_abs"]
@@ -419,6 +431,9 @@ def print_table(rows: list[dict]) -> None:
             notes.append(f"only in ours: {r['only_ours']}, only in mergekit: {r['only_mergekit']}")
         for n in notes:
             print(f"- {label}: {n}")
+    for r in failed:
+        print(f"- {r['method']} ({r['variant']}): mergekit fails ({r['mergekit_error'][:300]}); ours "
+              f"{r['ours_s']:.2f} s, {r['ours_rss_mb']:.0f} MB")
     judged = [r for r in rows if r["status"] != "random"]
     passed = sum(r["status"] == "ok" for r in judged)
     geo = lambda xs: statistics.geometric_mean(xs) if xs else float("nan")  # noqa: E731
@@ -487,6 +502,11 @@ def main() -> None:
             rows.append(bench_method(method, config, venv, vbase, vfts, work, args.repeats, env, args.keep,
                                      variant))
             r = rows[-1]
+            if args.out:  # after every method: a crash later keeps what was measured
+                Path(args.out).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+            if r["status"] == "mergekit-error":
+                print(f"{method} ({variant}): mergekit fails: {r['mergekit_error'][:200]}", flush=True)
+                continue
             diff = r["random_max_abs"] if r["status"] == "random" else r["max_abs"]
             print(f"{method} ({variant}): ours {r['ours_runs_s']} s, mergekit {r['mergekit_runs_s']} s, max|Δ| {diff:.2e} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)

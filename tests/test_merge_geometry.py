@@ -589,3 +589,18 @@ def test_run_merge_arcee_fusion_tinyr1_style(folders, tmp_path):
         assert torch.equal(merged[name], expected.bfloat16()), name
         kept += int((expected != ws["base"][name]).sum())
     assert 0 < kept < sum(math.prod(s) for s in NAMES.values()) / 2
+
+
+def test_multislerp_of_inputs_that_all_equal_the_base_is_the_base():
+    """bf16 fine-tunes leave some norm weights exactly at the base: every delta is zero, the merge is the base
+    (mergekit 0.1.5 raises, stopping the whole merge); antipodal inputs still fail as in mergekit."""
+    from branchmerge.models.merging.methods.spherical import MultislerpModel, MultislerpParams, multislerp
+
+    base = torch.linspace(-1, 1, 64).to(torch.bfloat16)
+    models = [MultislerpModel(weight=w) for w in (0.5, 0.3, 0.2)]
+    out = multislerp(base, [base.clone() for _ in range(3)], models, MultislerpParams(), None)
+    assert torch.equal(out, base) and out.dtype == torch.bfloat16
+    a = torch.randn(64)
+    with pytest.raises(ValueError, match="weighted sum of the unit directions is zero"):
+        multislerp(torch.zeros(64), [a, -a, a * 0 + 1e-30], [MultislerpModel(weight=w) for w in (0.5, 0.5, 0.0)],
+                   MultislerpParams(), None)

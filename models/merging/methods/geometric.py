@@ -83,17 +83,25 @@ def model_stock(base, tensors, models, p: ModelStockParams, generator) -> torch.
         b = base.reshape(-1)
         ws = [x.reshape(-1) for x in tensors]
     offsets = [w - b for w in ws]
+    lengths = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]  # each offset's norm once, not once a pair
     cos = []
     for i, da in enumerate(offsets):
-        for db in offsets[i + 1 :]:
-            norms = torch.linalg.vector_norm(da, dim=-1) * torch.linalg.vector_norm(db, dim=-1)
-            cos.append(((da * db).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        for j in range(i + 1, len(offsets)):
+            norms = lengths[i] * lengths[j]
+            cos.append(((da * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    del offsets
     c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denom = 1 + (n - 1) * c
     singular = denom.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(denom), denom))
-    return (t * (sum(ws) / n) + (1 - t) * b).reshape(shape)
+    # mergekit's t * (sum(ws) / n) + (1 - t) * base, op for op, in place: sum() starts from 0 (0 + w turns a -0.0
+    # into +0.0, so does `w + 0`)
+    out = ws[0] + 0
+    for w in ws[1:]:
+        out.add_(w)
+    out.div_(n).mul_(t).add_((1 - t) * b)
+    return out.reshape(shape)
 
 
 

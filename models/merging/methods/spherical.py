@@ -94,7 +94,8 @@ def multislerp(base, tensors, models: list[MultislerpModel], p: MultislerpParams
     unit vectors u_i, mean direction m = normalise(sum w_i u_i), tangent vectors u_i - <u_i, m> m, their weighted
     sum v, exp map m cos|v| + v sin|v| / |v|, scaled by sum w_i |x_i|. Weights in the compute dtype, as mergekit.
 
-    A zero mean direction: lerp for two inputs, an error for more (mergekit).
+    A zero mean direction: lerp for two inputs, an error for more (mergekit), except when every input equals
+    the base (all deltas exactly zero): the base.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -115,6 +116,10 @@ def multislerp(base, tensors, models: list[MultislerpModel], p: MultislerpParams
     mean = scratch.sum(0)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
+        if bool((norms == 0).all()):
+            # Every input equals the base (bf16 fine-tunes whose change to a norm weight rounded away): the point
+            # itself. mergekit 0.1.5 raises here, which stops whole bf16 merges (README: where we differ).
+            return base.clone() if base is not None else tensors[0].clone()
         if len(tensors) != 2:
             raise ValueError(
                 "multislerp: the weighted sum of the unit directions is zero (e.g. antipodal inputs a, -a with "
