@@ -10,12 +10,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from branchmerge.models.training.config import RLConfig
 from branchmerge.models.training.grpo import (
+    GRPOModule,
     completion_hidden,
     completion_mask_from_ids,
+    compute_advantages,
     entropy_from_hidden,
     entropy_from_logits,
     group_advantages,
     grpo_loss,
+    high_entropy_mask,
+    informative_groups,
+    kl_per_token,
+    overlong_penalty,
     logprobs_and_entropy,
     logprobs_from_logits,
     selective_logprobs,
@@ -75,6 +81,11 @@ def test_group_advantages_rejects_bad_settings():
 # ----------------------------------------------------------------------------------------------- loss
 
 
+# grpo_loss's family settings at the classic GRPO values (TRL's defaults): token-level ratios, no delta, k3 KL
+CLASSIC = dict(delta=None, importance_sampling_level="token", kl_estimator="k3", sapo_temperature_pos=1.0,
+               sapo_temperature_neg=1.05)
+
+
 def loss_inputs():
     g = torch.Generator().manual_seed(3)
     B, K = 4, 6
@@ -119,7 +130,7 @@ def reference_loss(logps, old, ref, adv, mask, *, eps, eps_high, beta, loss_type
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_loss_matches_reference(loss_type):
     logps, old, ref, adv, mask = loss_inputs()
-    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, max_completion_length=8, **CLASSIC)
     loss, metrics = grpo_loss(logps, old, ref, adv, mask, **kw)
     want, want_metrics = reference_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
                                         eps=0.2, eps_high=0.28, beta=0.04, loss_type=loss_type, max_len=8)
@@ -132,7 +143,7 @@ def test_grpo_loss_matches_reference(loss_type):
 def test_grpo_loss_split_into_micro_batches_sums_to_whole(loss_type):
     """GRPOModule's accumulation: dapo normalises by the step's tokens, the others are scaled by rows / B."""
     logps, old, ref, adv, mask = loss_inputs()
-    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    kw = dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, max_completion_length=8, **CLASSIC)
     whole, _ = grpo_loss(logps, old, ref, adv, mask, **kw)
     parts = 0.0
     for rows in (slice(0, 3), slice(3, 4)):
@@ -144,13 +155,167 @@ def test_grpo_loss_split_into_micro_batches_sums_to_whole(loss_type):
 
 def test_grpo_loss_without_beta_ignores_ref_and_symmetric_default():
     logps, old, ref, adv, mask = loss_inputs()
-    kw = dict(beta=0.0, loss_type="bnpo", max_completion_length=8)
+    kw = dict(beta=0.0, loss_type="bnpo", max_completion_length=8, **CLASSIC)
     a, metrics = grpo_loss(logps, old, None, adv, mask, epsilon=0.2, epsilon_high=None, **kw)
     b, _ = grpo_loss(logps, old, ref, adv, mask, epsilon=0.2, epsilon_high=0.2, **kw)
     want, _ = reference_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
                              eps=0.2, eps_high=0.2, beta=0.0, loss_type="bnpo", max_len=8)
     assert a.item() == b.item() == pytest.approx(want, rel=1e-5)
     assert "kl" not in metrics
+
+
+# ----------------------------------------------------------------------------------------------- the GRPO family
+
+
+def plain_rewards(rewards):
+    return torch.tensor([math.nan if r is None else r for r in rewards])
+
+
+def test_rloo_advantages_leave_one_out():
+    """R_i - mean of the other valid rewards of its group; Nones and single-valid groups give 0."""
+    got = compute_advantages(plain_rewards(REWARDS), 4, "rloo", "group").tolist()
+    want = []
+    for g in range(0, len(REWARDS), 4):
+        group = REWARDS[g:g + 4]
+        valid = [r for r in group if r is not None]
+        for i, r in enumerate(group):
+            if r is None or len(valid) < 2:
+                want.append(0.0)
+                continue
+            others = [x for j, x in enumerate(group) if j != i and x is not None]
+            want.append(r - sum(others) / len(others))
+    assert got == pytest.approx(want, abs=1e-6)
+    # = G/(G-1) (R - mean) on a full group (verl's form)
+    r = torch.tensor([0.1, 0.9, 0.4, 0.6])
+    torch.testing.assert_close(compute_advantages(r, 4, "rloo", "group"), (r - r.mean()) * 4 / 3)
+
+
+def test_reinforce_pp_advantages_whiten_over_tokens():
+    """R - group mean, then (x - token mean) / sqrt(unbiased token var + 1e-8) over the completion tokens."""
+    lengths = torch.tensor([3, 5, 2, 4, 1, 1, 6, 2, 4, 4, 4, 4, 7, 3, 3, 3, 2, 9, 1, 5])
+    got = compute_advantages(plain_rewards(REWARDS), 4, "reinforce_pp", "group", lengths=lengths).tolist()
+    centred, weights = [], []
+    for g in range(0, len(REWARDS), 4):
+        group = REWARDS[g:g + 4]
+        valid = [r for r in group if r is not None]
+        mean = sum(valid) / len(valid) if valid else 0.0
+        for i, r in enumerate(group):
+            centred.append(0.0 if r is None else r - mean)
+            weights.append(0 if r is None else int(lengths[g + i]))
+    tokens = [c for c, w in zip(centred, weights) for _ in range(w)]  # the advantage broadcast to its tokens
+    mean, var = statistics.mean(tokens), statistics.variance(tokens)  # variance: unbiased, as verl's masked_var
+    want = [0.0 if r is None else (c - mean) / math.sqrt(var + 1e-8) for r, c in zip(REWARDS, centred)]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="advantage_estimator='ppo'"):
+        compute_advantages(plain_rewards(REWARDS), 4, "ppo", "group")
+
+
+def test_informative_groups_and_overlong_penalty():
+    assert informative_groups(plain_rewards(REWARDS), 4).tolist() == [True, False, True, False, True]
+    lengths = torch.tensor([10, 12, 13, 16, 20])
+    # DAPO: max 16, buffer 4 -> free up to 12 tokens, then -(L - 12) / 4 * factor
+    assert overlong_penalty(lengths, 16, 4, 0.5).tolist() == pytest.approx([0, 0, -0.125, -0.5, -1.0])
+    assert overlong_penalty(lengths, 16, 0, 0.5).tolist() == [0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators(estimator):
+    logp, ref = torch.tensor([-1.0, -0.2, -3.0]), torch.tensor([-1.5, -0.1, -2.0])
+    want = [{"k1": lp - r, "k2": 0.5 * (r - lp) ** 2, "k3": math.exp(r - lp) - (r - lp) - 1}[estimator]
+            for lp, r in zip(logp.tolist(), ref.tolist())]
+    assert kl_per_token(logp, ref, estimator).tolist() == pytest.approx(want, rel=1e-5, abs=1e-7)  # float32
+
+
+def test_high_entropy_mask_keeps_the_top_quantile():
+    entropy = torch.tensor([[0.1, 2.0, 0.5, 9.0], [3.0, 0.2, 7.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    values = sorted(x for x, m in zip(entropy.flatten().tolist(), mask.flatten().tolist()) if m)
+    pos = 0.5 * (len(values) - 1)  # the 0.5 quantile, linear interpolation (numpy / torch's default)
+    threshold = values[int(pos)] + (pos - int(pos)) * (values[min(int(pos) + 1, len(values) - 1)] - values[int(pos)])
+    want = [[bool(m) and x >= threshold for x, m in zip(er, mr)] for er, mr in zip(entropy.tolist(), mask.tolist())]
+    assert high_entropy_mask(entropy, mask, 0.5).tolist() == want
+    assert high_entropy_mask(entropy, mask, 1.0).tolist() == mask.bool().tolist()
+
+
+def reference_family_loss(logps, old, ref, adv, mask, *, eps, eps_high, beta, loss_type, level, delta, kl_est,
+                          tau_pos, tau_neg, emask):
+    """TRL's _compute_loss in plain Python (token loops), aggregation as reference_loss."""
+    B, K = len(logps), len(logps[0])
+    seq_logw = []
+    for b in range(B):
+        idx = [t for t in range(K) if mask[b][t]]
+        seq_logw.append(sum(logps[b][t] - old[b][t] for t in idx) / max(len(idx), 1))
+    per_seq, total, n_tok = [], 0.0, 0
+    for b in range(B):
+        seq_sum, seq_n = 0.0, 0
+        for t in range(K):
+            if not mask[b][t]:
+                continue
+            w = math.exp(logps[b][t] - old[b][t] if level == "token" else seq_logw[b])
+            a = adv[b]
+            if loss_type == "cispo":
+                loss = -min(w, eps_high) * a * logps[b][t]
+            elif loss_type == "sapo":
+                tau = tau_pos if a > 0 else tau_neg
+                loss = -(1 / (1 + math.exp(-tau * (w - 1)))) * 4 / tau * a
+            else:
+                wc = min(max(w, 1 - eps), 1 + eps_high)
+                w1 = min(w, delta) if delta is not None else w
+                loss = -min(w1 * a, wc * a)
+            if emask is not None and not emask[b][t]:
+                loss = 0.0
+            x = ref[b][t] - logps[b][t]
+            loss += beta * {"k1": -x, "k2": 0.5 * x * x, "k3": math.exp(x) - x - 1}[kl_est]
+            seq_sum += loss
+            seq_n += 1
+        per_seq.append(seq_sum / seq_n)
+        total += seq_sum
+        n_tok += seq_n
+    return sum(per_seq) / B if loss_type in ("grpo", "sapo") else total / n_tok
+
+
+@pytest.mark.parametrize("loss_type,level,delta,kl_est", [
+    ("dapo", "token", 1.5, "k3"), ("grpo", "sequence", None, "k1"), ("bnpo", "sequence", 1.4, "k2"),
+    ("cispo", "token", None, "k3"), ("cispo", "sequence", None, "k2"), ("sapo", "token", None, "k3"),
+    ("sapo", "sequence", None, "k1"),
+])
+@pytest.mark.parametrize("entropy_masked", [False, True])
+def test_grpo_family_loss_matches_reference(loss_type, level, delta, kl_est, entropy_masked):
+    logps, old, ref, adv, mask = loss_inputs()
+    emask = (torch.arange(24).view(4, 6) % 3 != 0) if entropy_masked else None
+    eps_high = 1.3 if loss_type == "cispo" else 0.28  # cispo's cap on w: some tokens exceed it
+    kw = dict(epsilon=0.2, epsilon_high=eps_high, beta=0.04, loss_type=loss_type, max_completion_length=8, delta=delta,
+              importance_sampling_level=level, kl_estimator=kl_est, sapo_temperature_pos=1.0,
+              sapo_temperature_neg=1.05, entropy_mask=emask)
+    loss, metrics = grpo_loss(logps, old, ref, adv, mask, **kw)
+    want = reference_family_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), eps=0.2,
+                                 eps_high=eps_high, beta=0.04, loss_type=loss_type, level=level, delta=delta,
+                                 kl_est=kl_est, tau_pos=1.0, tau_neg=1.05,
+                                 emask=None if emask is None else emask.tolist())
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    if loss_type == "cispo":
+        assert 0 < metrics["cispo_clip_ratio"] < 1
+
+
+def test_grpo_family_gradients():
+    """cispo's weight is detached: d loss / d logp = -clip(w) A / N per token; sapo's gate at w = 1 has slope 1,
+    so at the sampling policy its gradient is the plain policy gradient's."""
+    logps, old, ref, adv, mask = loss_inputs()
+    lp = logps.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, old, None, adv, mask, epsilon=0.2, epsilon_high=1.3, beta=0.0, loss_type="cispo",
+                        max_completion_length=8, **CLASSIC)
+    loss.backward()
+    w = torch.exp(logps - old).clamp(max=1.3)
+    torch.testing.assert_close(lp.grad, -(w * adv[:, None]) * mask / mask.sum())
+    lp = logps.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, logps, None, adv, mask, epsilon=0.2, epsilon_high=0.28, beta=0.0, loss_type="sapo",
+                        max_completion_length=8, **CLASSIC)
+    loss.backward()
+    plain = logps.clone().requires_grad_(True)
+    ref_loss, _ = grpo_loss(plain, logps, None, adv, mask, epsilon=0.2, epsilon_high=0.28, beta=0.0,
+                            loss_type="grpo", max_completion_length=8, **CLASSIC)
+    ref_loss.backward()
+    torch.testing.assert_close(lp.grad, plain.grad)
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
@@ -288,7 +453,7 @@ def test_chunked_logprobs_give_the_plain_loss_gradients(sharp_model, model_and_t
             with torch.no_grad():
                 ref = selective_logprobs(ref_model, ids, attn, 5, temperature=0.7, impl=impl)
         loss, metrics = grpo_loss(logps, old, ref, adv, cmask, epsilon=0.2, epsilon_high=0.28, beta=beta,
-                                  loss_type="dapo", max_completion_length=5)
+                                  loss_type="dapo", max_completion_length=5, **CLASSIC)
         return loss, metrics, torch.autograd.grad(loss, params)
 
     plain_loss, plain_metrics, plain_grads = loss_metrics_grads("plain")
@@ -330,10 +495,16 @@ class ToyReward:
 
 
 # Every RLConfig field, set for tests; tests change what they test.
-GRPO = dict(enabled=True, steps=2, prompts_per_step=2, num_generations=4, lr=1e-3, beta=0.04, epsilon=0.2,
-            epsilon_high=0.28, loss_type="dapo", scale_rewards="group", max_new_tokens=8, temperature=1.0, top_p=0.95,
-            weight_decay=0.0, precision="32-true", save_dtype="float32", logprob_impl="plain",
-            shared_prefix=False)
+DPO = dict(steps=2, batch_size=2, lr=1e-6, beta=0.1, loss_type="sigmoid", pairs_from="teacher", num_samples=4,
+           max_pairs=8, max_new_tokens=8, temperature=1.0, precision="32-true", save_dtype="float32")
+SASR = dict(warmup_steps=1, steps=2, gamma=1.0, sft_lr=1e-5, sft_batch_size=2, max_length=128)
+GRPO = dict(enabled=True, stages=["grpo"], steps=2, prompts_per_step=2, num_generations=4, num_iterations=1, lr=1e-3,
+            beta=0.04, kl_estimator="k3", epsilon=0.2, epsilon_high=0.28, delta=None, importance_sampling_level="token",
+            loss_type="dapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, advantage_estimator="grpo",
+            scale_rewards="group", mask_truncated_completions=False, top_entropy_quantile=1.0, dynamic_sampling=False,
+            max_sampling_tries=4, overlong_buffer_len=0, overlong_penalty_factor=1.0, rewards=["correctness"],
+            reward_weights=None, max_new_tokens=8, temperature=1.0, top_p=0.95, weight_decay=0.0,
+            precision="32-true", save_dtype="float32", logprob_impl="plain", shared_prefix=False, dpo=DPO, sasr=SASR)
 
 
 def grpo(model_dir, reward, out, micro_batch_size=None, logger=None, **changes):
@@ -426,3 +597,54 @@ def test_a_diverging_grpo_run_raises_before_saving(tiny_model_dir, tmp_path):
     with pytest.raises(DivergedError, match=r"at optimizer step \d"):
         grpo(tiny_model_dir, ToyReward(), tmp_path / "rl", lr=1e9, beta=0.0, steps=3)
     assert not (tmp_path / "rl").exists()
+
+
+def test_num_iterations_reuse_the_batch_with_ratios_to_the_sampling_policy(tiny_model_dir, tmp_path):
+    """mu = 2: two optimizer steps per generation batch; the second one's ratios are to the sampling policy's
+    log-probs (taken once, before the first step), so they leave 1 and clipping acts; with mu = 1 it never does."""
+    one = grpo(tiny_model_dir, ToyReward(), tmp_path / "one", steps=1, beta=0.0, lr=3e-2, epsilon_high=0.2)
+    two = grpo(tiny_model_dir, ToyReward(), tmp_path / "two", steps=1, beta=0.0, lr=3e-2, epsilon_high=0.2,
+               num_iterations=2)
+    assert one["history"][0]["clip_ratio/region_mean"] == 0.0
+    assert two["history"][0]["clip_ratio/region_mean"] > 0.0
+    assert two["history"][0]["reward"] == one["history"][0]["reward"]  # the same rollouts
+
+
+def test_dynamic_sampling_never_trains_on_a_zero_variance_group(tiny_model_dir, tmp_path, monkeypatch):
+    """Prompts q0, q2, q4 always score 1.0 (no signal); dynamic sampling drops their groups and draws more
+    prompts until the step holds prompts_per_step informative groups."""
+    import branchmerge.models.training.grpo as grpo_module
+
+    seen = []
+    original = grpo_module.compute_advantages
+
+    def recorded(rewards, G, *args, **kwargs):
+        seen.append(rewards.clone())
+        return original(rewards, G, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "compute_advantages", recorded)
+
+    def reward(prompts, completions, completion_ids, id, **columns):
+        return [1.0 if int(i[1:]) % 2 == 0 else sum(ch in "aeiou" for ch in c) / max(len(c), 1) + len(c) / 100
+                for i, c in zip(id, completions)]
+
+    out = grpo(tiny_model_dir, reward, tmp_path / "ds", steps=3, beta=0.0, dynamic_sampling=True,
+               max_sampling_tries=6)
+    assert len(seen) == 3
+    for rewards in seen:
+        assert len(rewards) == 2 * 4 and informative_groups(rewards, 4).all()
+    assert sum(h["sampling/groups_dropped"] for h in out["history"]) > 0
+    assert all(h["sampling/groups_kept"] == 2 for h in out["history"])
+
+
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = RLConfig(**(GRPO | {"mask_truncated_completions": True, "num_generations": 2}))
+    module = GRPOModule(model, tok, ToyReward(), build_messages, cfg, ref_model=None if cfg.beta == 0 else model,
+                        seed=0)
+    stop = module.stop_ids[0]
+    batch = module.collate([[]], [[5, 6]], [[[7, 8, stop], [7, 8, 9, 10]]])  # the second hit max_new_tokens
+    assert batch["completion_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+    assert batch["truncated"].tolist() == [False, True]

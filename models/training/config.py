@@ -14,6 +14,8 @@ from branchmerge.models.lm.config import Dtype
 from branchmerge.models.settings import Settings
 
 Precision = Literal["32-true", "bf16-mixed"]
+# The reward registry's names (models/training/rewards.py imports the verifiers); a test checks they agree.
+REWARD_NAMES = ("correctness", "format", "partial", "length")
 
 
 class LoraConfig(Settings):
@@ -130,37 +132,132 @@ class SFTConfig(Settings):
         return self
 
 
-class RLConfig(Settings):
-    """GRPO with TRL GRPOTrainer semantics and names (models/training/grpo.py).
+class DPOConfig(Settings):
+    """DPO (models/training/dpo.py; Light-R1's third stage) with TRL DPOTrainer's names: preference pairs
+    (`pairs_from`: teacher = a verified teacher response as chosen, a failed one for the same prompt as rejected;
+    policy = the same from `num_samples` samples of the model being trained, semi-on-policy as Light-R1), at most
+    `max_pairs`, trained `steps` AdamW steps (`lr`, `batch_size` pairs each) on `loss_type` (sigmoid | ipo) at
+    `beta` against the frozen starting model."""
 
-    `enabled`: run the stage. Each of `steps` steps samples `prompts_per_step` training prompts and
-    `num_generations` completions each (`temperature`, `top_p`, at most `max_new_tokens`), scores them with the
-    tasks' verifiers, turns rewards into group-relative advantages (`scale_rewards`: group | batch | none) and takes
-    one AdamW step (`lr`, `weight_decay`) on the clipped surrogate (`epsilon`, `epsilon_high`) + `beta` * k3 KL to
-    the merged model (0: no reference), aggregated by `loss_type` (grpo | bnpo | dr_grpo | dapo). `logprob_impl`:
-    plain | chunked; `precision`; weights saved in `save_dtype`.
+    steps: int = Field(gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(gt=0)
+    """Pairs per optimizer step."""
+    lr: float = Field(gt=0)
+    """AdamW learning rate."""
+    beta: float = Field(gt=0)
+    """TRL's beta: the inverse temperature of sigmoid, the regulariser of ipo."""
+    loss_type: Literal["sigmoid", "ipo"]
+    """sigmoid: -log sigmoid(beta * margin) (the DPO paper); ipo: (margin - 1 / (2 beta))^2 on length-averaged
+    log-ratios (the IPO paper, as TRL)."""
+    pairs_from: Literal["teacher", "policy"]
+    """teacher: chosen/rejected from the teacher's verified/failed samples; policy: from the policy's own samples."""
+    num_samples: int = Field(ge=2)
+    """pairs_from=policy: samples per prompt to find a correct and a wrong one."""
+    max_pairs: int = Field(gt=0)
+    """Most pairs kept (in prompt order)."""
+    max_new_tokens: int = Field(gt=0)
+    """pairs_from=policy: most tokens per sample."""
+    temperature: float = Field(gt=0)
+    """pairs_from=policy: sampling temperature."""
+    precision: Precision
+    """32-true (float32) or bf16-mixed."""
+    save_dtype: Dtype
+    """Dtype of the saved weights."""
+
+
+class SASRConfig(Settings):
+    """SASR (models/training/sasr.py): `warmup_steps` SFT steps on the teacher's kept responses (`sft_lr`,
+    `sft_batch_size`), G_warmup = the last one's gradient norm; then each of `steps` steps is SFT or GRPO, SFT with
+    probability p = G_last / (G_last + gamma * G_warmup), G_last the latest SFT gradient norm (see the module
+    docstring for what was followed)."""
+
+    warmup_steps: int = Field(ge=1)
+    """SFT steps before the hybrid phase; the last one's gradient norm is G_warmup."""
+    steps: int = Field(gt=0)
+    """Hybrid steps after the warm-up, each SFT or GRPO."""
+    gamma: float = Field(gt=0)
+    """Weight of the warm-up gradient norm in p = G_last / (G_last + gamma * G_warmup)."""
+    sft_lr: float = Field(gt=0)
+    """Learning rate of the SFT steps (GRPO steps use rl.lr)."""
+    sft_batch_size: int = Field(gt=0)
+    """Examples per SFT step."""
+    max_length: int = Field(gt=8)
+    """Tokens per SFT example (longer ones are cut), as sft.max_length."""
+
+
+class RLConfig(Settings):
+    """RL on the merged model: `stages` run in order, each its own cached artifact (grpo | dpo | sasr).
+
+    GRPO (models/training/grpo.py), TRL GRPOTrainer's names and semantics: each of `steps` steps samples
+    `prompts_per_step` training prompts and `num_generations` completions each (`temperature`, `top_p`, at most
+    `max_new_tokens`; `dynamic_sampling` redraws prompts whose group rewards are all equal, at most
+    `max_sampling_tries` batches), scores them with `rewards` weighted by `reward_weights` (the reward registry,
+    models/training/rewards.py; DAPO's overlong shaping with `overlong_buffer_len` / `overlong_penalty_factor`),
+    turns rewards into advantages (`advantage_estimator`: grpo | rloo | reinforce_pp; `scale_rewards`) and takes
+    `num_iterations` AdamW steps (`lr`, `weight_decay`) on that batch: the clipped surrogate (`epsilon`,
+    `epsilon_high`, two-sided `delta`; `importance_sampling_level` token | sequence = GSPO) or `loss_type` cispo /
+    sapo, + `beta` x KL (`kl_estimator` k1 | k2 | k3) to the merged model (0: no reference), over the tokens
+    `mask_truncated_completions` and `top_entropy_quantile` keep, aggregated by `loss_type`. `logprob_impl`:
+    plain | chunked; `precision`; weights saved in `save_dtype`. `dpo`, `sasr`: those stages' settings.
     """
 
     enabled: bool
-    """Run the RL stage (and evaluate its model)."""
+    """Run the RL stages (and evaluate their models)."""
+    stages: list[Literal["grpo", "dpo", "sasr"]] = Field(min_length=1)
+    """RL stages in order, e.g. [dpo, grpo] (Light-R1); each is cached as its own artifact."""
     steps: int = Field(gt=0)
-    """GRPO steps (one optimizer step each)."""
+    """GRPO steps (each num_iterations optimizer steps on one generation batch)."""
     prompts_per_step: int = Field(gt=0)
-    """Training prompts sampled per step; at most train_size x number of domains."""
+    """Training prompts per step (informative ones with dynamic_sampling); at most train_size x domains."""
     num_generations: int = Field(ge=2)
     """Completions per prompt (the group of group-relative advantages), at least 2."""
+    num_iterations: int = Field(ge=1)
+    """TRL's mu: optimizer steps per generation batch; > 1 makes the ratio to the sampling policy act."""
     lr: float = Field(gt=0)
     """AdamW learning rate."""
     beta: float = Field(ge=0)
-    """Weight of the k3 KL to the merged model (0: no reference model)."""
+    """Weight of the KL to the merged model (0: no reference model)."""
+    kl_estimator: Literal["k1", "k2", "k3"]
+    """KL estimator per token, x = log pi_ref - log pi: k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1 (TRL's)."""
     epsilon: float = Field(gt=0)
     """Lower clip of the policy ratio: 1 - epsilon."""
     epsilon_high: float = Field(gt=0)
-    """Upper clip of the policy ratio: 1 + epsilon_high; at least epsilon (DAPO uses 0.28)."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-    """How token losses are aggregated, as in TRL: grpo, bnpo, dr_grpo or dapo."""
+    """Upper clip of the policy ratio: 1 + epsilon_high (DAPO: 0.28); cispo: the weight's cap (ScaleRL: 5.0)."""
+    delta: float | None = Field(gt=1)
+    """Two-sided clipping (INTELLECT-2): the unclipped ratio is also capped at delta; null: off."""
+    importance_sampling_level: Literal["token", "sequence"]
+    """token: a ratio per token; sequence: the mean log-ratio over the completion, one ratio per sequence (GSPO)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"]
+    """TRL's loss types: grpo, bnpo, dr_grpo, dapo (aggregation of the clipped surrogate), cispo (clipped, detached
+    IS weight x advantage x log-prob) and sapo (a sigmoid gate instead of the clip)."""
+    sapo_temperature_pos: float = Field(gt=0)
+    """sapo: gate temperature for positive advantages."""
+    sapo_temperature_neg: float = Field(gt=0)
+    """sapo: gate temperature for non-positive advantages."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"]
+    """grpo: reward - group mean (/ std per scale_rewards); rloo: reward - mean of the group's others;
+    reinforce_pp: REINFORCE++ with baseline, reward - group mean normalised by the batch std (OpenRLHF / verl)."""
     scale_rewards: Literal["group", "batch", "none"]
-    """Divide advantages by the reward std of the group, of the batch, or none."""
+    """advantage_estimator=grpo: divide by the reward std of the group, of the batch, or none."""
+    mask_truncated_completions: bool
+    """Leave completions that hit max_new_tokens out of the loss (DAPO)."""
+    top_entropy_quantile: float = Field(ge=0, le=1)
+    """Keep in the policy loss only the top quantile of tokens by entropy (1: all; the 80/20 paper: 0.2)."""
+    dynamic_sampling: bool
+    """DAPO: drop groups whose rewards are all equal and draw more prompts until prompts_per_step informative
+    groups (or max_sampling_tries batches)."""
+    max_sampling_tries: int = Field(ge=1)
+    """dynamic_sampling: most batches of prompts_per_step prompts generated for one step."""
+    overlong_buffer_len: int = Field(ge=0)
+    """DAPO's soft overlong punishment: the last this-many tokens before max_new_tokens are penalised linearly
+    (0: off)."""
+    overlong_penalty_factor: float = Field(ge=0)
+    """DAPO's overlong penalty at max_new_tokens (reward - factor at the limit)."""
+    rewards: list[str] = Field(min_length=1)
+    """Reward functions by registry name (models/training/rewards.py), e.g. [correctness, format]."""
+    reward_weights: list[float] | None
+    """One weight per reward (null: 1 each); the reward is their weighted sum."""
     max_new_tokens: int = Field(gt=0)
     """Most tokens per completion."""
     temperature: float = Field(gt=0)
@@ -178,9 +275,28 @@ class RLConfig(Settings):
     """32-true (float32) or bf16-mixed (bf16 autocast, float32 master weights)."""
     save_dtype: Dtype
     """Dtype of the saved weights: float32, bfloat16 or float16."""
+    dpo: DPOConfig
+    """The dpo stage's settings."""
+    sasr: SASRConfig
+    """The sasr stage's settings."""
+
+    @field_validator("rewards")
+    @classmethod
+    def _registered(cls, rewards: list[str]) -> list[str]:
+        unknown = [r for r in rewards if r not in REWARD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; registered: {', '.join(REWARD_NAMES)}")
+        return rewards
 
     @model_validator(mode="after")
-    def _asymmetric_clip(self) -> "RLConfig":
+    def _consistent(self) -> "RLConfig":
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"rl.reward_weights={self.reward_weights} has {len(self.reward_weights)} weight(s) for "
+                             f"{len(self.rewards)} reward(s) rl.rewards={self.rewards}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"rl.stages={self.stages}: a stage is listed twice")
+        if self.loss_type in ("cispo", "sapo"):
+            return self  # epsilon_high is cispo's cap, unrelated to epsilon; sapo does not clip
         if self.epsilon_high < self.epsilon:
             raise ValueError(f"rl.epsilon_high={self.epsilon_high} < rl.epsilon={self.epsilon}: the upper clip "
                              "(DAPO's clip-higher) must not be tighter than the lower one")

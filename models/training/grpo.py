@@ -1,11 +1,18 @@
 """GRPO (group relative policy optimisation) with TRL GRPOTrainer semantics, as a Lightning module.
 
 Each step: sample `prompts_per_step` items, generate `num_generations` completions per prompt, score them with
-`reward_fn`, turn rewards into group-relative advantages, take one clipped policy-gradient step (one iteration
-per generation batch, so the importance ratio is 1 and clipping only matters for callers that reuse samples).
+`reward_fn` (DAPO's overlong shaping on top), keep only groups whose rewards differ when `dynamic_sampling` (and
+draw more prompts until the step is full), turn rewards into advantages (`advantage_estimator`: grpo | rloo |
+reinforce_pp), then take `num_iterations` optimizer steps on that batch: the ratio is to the sampling policy's
+log-probs, taken once before the first of them, so with num_iterations > 1 clipping acts (TRL's mu).
 
 Public API:
     group_advantages(rewards, num_generations, scale_rewards) -> advantages
+    compute_advantages(rewards, num_generations, estimator, scale_rewards, lengths) -> advantages
+    kl_per_token(logps, ref_logps, estimator) -> k1 | k2 | k3 per token
+    high_entropy_mask(entropy, mask, quantile) -> tokens kept by top_entropy_quantile
+    overlong_penalty(lengths, max_new_tokens, buffer_len, factor) -> DAPO's soft overlong punishment
+    informative_groups(rewards, num_generations) -> groups whose rewards are not all equal
     logprobs_from_logits(logits, ids, temperature) -> per-token log-probs (row-chunked)
     entropy_from_hidden(hidden, weight, bias, temperature) -> per-token entropy without the full logits
     logprobs_and_entropy(model, input_ids, attention_mask, logits_to_keep, *, temperature, impl, entropy)
@@ -29,12 +36,16 @@ so no [B, K, V] tensor exists. float32: the same numbers up to float rounding. b
 rounding of the logits (the CPU reference rounds each chunk's logits to bf16 as the lm_head does, the Triton
 kernel keeps them in float32); the entropy metric is computed as the plain path's on both.
 
-Not here yet: dynamic sampling, overlong shaping, truncated-completion masking, GSPO sequence-level ratios,
-num_iterations > 1, SASR (these compose around grpo_loss / group_advantages).
+Loss (grpo_loss, TRL 1.x _compute_loss): w = exp(log-ratio) per token, or per sequence with
+importance_sampling_level=sequence (GSPO: the mean log-ratio over the completion); clipped surrogate
+-min(w A, clip(w, 1 - eps, 1 + eps_high) A) with w capped at `delta` first (two-sided, INTELLECT-2); cispo:
+-clip(w, max=eps_high).detach() A log pi (MiniMax-M1); sapo: -sigmoid(tau (w - 1)) 4 / tau A (tau by the sign
+of A). Tokens outside top_entropy_quantile (the 80/20 paper) are dropped, then beta x KL (k1 | k2 | k3) is added.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import tempfile
@@ -60,6 +71,8 @@ from branchmerge.models.training.toolkit import (
     make_trainer,
     quiet_warnings,
 )
+
+log = logging.getLogger(__name__)
 
 # Config keys of heads that post-process h W^T (softcap, scale): the chunked path would silently drop that step.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -107,6 +120,86 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards={scale_rewards!r}: expected group, batch or none")
     return torch.nan_to_num(adv, nan=0.0)
+
+
+def compute_advantages(rewards: torch.Tensor, num_generations: int, estimator: str, scale_rewards: str,
+                       lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-completion advantages [B*G] from rewards [B*G] (NaN: no opinion, advantage 0).
+
+    grpo: group_advantages (TRL). rloo: R_i - mean of the other valid rewards of its group (leave-one-out, as
+    verl's / OpenRLHF's RLOO; a group with one valid reward gets 0). reinforce_pp: REINFORCE++ with baseline
+    (verl's compute_reinforce_plus_plus_baseline_outcome_advantage, OpenRLHF's reinforce_baseline): R_i - group
+    mean, then whitened over the batch's completion tokens (each completion counts `lengths` times, the token
+    mean subtracted, divided by sqrt(unbiased token variance + 1e-8)).
+    """
+    if estimator == "grpo":
+        return group_advantages(rewards, num_generations, scale_rewards)
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards are not a multiple of num_generations={num_generations}")
+    grouped = rewards.float().view(-1, num_generations)
+    valid = ~grouped.isnan()
+    x = torch.where(valid, grouped, 0.0)
+    n = valid.sum(-1, keepdim=True)
+    if estimator == "rloo":
+        others = (n - 1).clamp(min=1)
+        adv = torch.where(valid & (n >= 2), x - (x.sum(-1, keepdim=True) - x) / others, 0.0)
+        return adv.reshape(-1)
+    if estimator == "reinforce_pp":
+        if lengths is None:
+            raise ValueError("reinforce_pp whitens over completion tokens: pass the completions' lengths")
+        centred = torch.where(valid, x - x.sum(-1, keepdim=True) / n.clamp(min=1), 0.0).reshape(-1)
+        w = torch.where(valid.reshape(-1), lengths.float(), 0.0)  # tokens each completion's advantage covers
+        total = w.sum()
+        if total <= 1:
+            return torch.zeros_like(centred)
+        mean = (centred * w).sum() / total
+        var = ((centred - mean) ** 2 * w).sum() / total * (total / (total - 1))  # Bessel, as verl's masked_var
+        return torch.where(valid.reshape(-1), (centred - mean) * torch.rsqrt(var + 1e-8), 0.0)
+    raise ValueError(f"advantage_estimator={estimator!r}: expected grpo, rloo or reinforce_pp")
+
+
+def informative_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[B] bool: groups whose valid rewards are not all equal (at least two, with a spread): DAPO's dynamic
+    sampling keeps only these, the others give every completion advantage 0."""
+    grouped = rewards.view(-1, num_generations)
+    valid = ~grouped.isnan()
+    hi = torch.where(valid, grouped, -math.inf).amax(-1)
+    lo = torch.where(valid, grouped, math.inf).amin(-1)
+    return (valid.sum(-1) >= 2) & (hi > lo)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer_len: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (verl's DAPO reward manager): 0 up to max_new_tokens - buffer_len tokens,
+    then falling linearly to -factor at max_new_tokens: min(-(L - (max - buffer)) / buffer * factor, 0)."""
+    if buffer_len <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32)
+    exceed = lengths.float() - (max_new_tokens - buffer_len)
+    return torch.clamp(-exceed / buffer_len * factor, max=0.0)
+
+
+def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """KL(pi || pi_ref) estimated per sampled token from x = log pi_ref - log pi (Schulman's k1, k2, k3):
+    k1 = -x (unbiased, can be negative), k2 = x^2 / 2, k3 = exp(x) - x - 1 (unbiased, >= 0; TRL's)."""
+    x = ref_logps - logps
+    if estimator == "k1":
+        return -x
+    if estimator == "k2":
+        return 0.5 * x * x
+    if estimator == "k3":
+        return torch.exp(x) - x - 1
+    raise ValueError(f"kl_estimator={estimator!r}: expected k1, k2 or k3")
+
+
+@torch.no_grad()
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Tokens whose entropy is at least the (1 - quantile) quantile of the masked tokens' (TRL's
+    get_high_entropy_mask with threshold = 1 - top_entropy_quantile): the 80/20 paper's forking tokens."""
+    valid = mask.bool()
+    local = entropy[valid].float()
+    if local.numel() == 0:
+        return torch.zeros_like(valid)
+    threshold = torch.quantile(local, 1 - quantile)
+    return ((entropy * mask.float()) >= threshold) & valid
 
 
 def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -222,54 +315,78 @@ def selective_logprobs(model, input_ids, attention_mask, logits_to_keep: int, *,
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int,
                    num_items_in_batch=None) -> torch.Tensor:
     """Reduce [B, K] per-token losses to a scalar the way TRL's loss_type says (see module docstring)."""
-    if loss_type == "grpo":  # token mean per sequence, then mean over sequences (length-biased)
+    if loss_type in ("grpo", "sapo"):  # token mean per sequence, then mean over sequences (length-biased)
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "bnpo":  # token mean over this (local) batch
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":  # constant normaliser: no length bias
         return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
-    if loss_type == "dapo":  # token mean over the global batch (all micro-batches of the step)
+    if loss_type in ("dapo", "cispo"):  # token mean over the global batch (all micro-batches of the step)
         total = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype)
         return (per_token * mask).sum() / total.clamp(min=1.0)
-    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo or dapo")
+    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo, dapo, cispo or sapo")
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, epsilon: float, epsilon_high: float | None,
-              beta: float, loss_type: str, max_completion_length: int, num_items_in_batch=None):
-    """Clipped surrogate + β·k3 KL per token, aggregated by loss_type. Returns (loss, metrics).
+              beta: float, loss_type: str, max_completion_length: int, delta: float | None,
+              importance_sampling_level: str, kl_estimator: str, sapo_temperature_pos: float,
+              sapo_temperature_neg: float, num_items_in_batch=None, entropy_mask=None):
+    """Policy loss + beta x KL per token, aggregated by loss_type (TRL's _compute_loss). Returns (loss, metrics).
 
-    logps/old_logps/ref_logps: [B, K]; advantages: [B]; completion_mask: [B, K] (1 = real completion token).
-    r = exp(logp - old); loss_t = -min(r·A, clip(r, 1-ε, 1+ε_high)·A) + β·(exp(ref-logp) - (ref-logp) - 1).
-    epsilon_high=None means ε_high = ε. num_items_in_batch: active tokens in the whole step (dapo only; None =
-    this batch's). metrics (floats): clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, and kl
-    when beta != 0 — token means over the mask.
+    logps/old_logps/ref_logps: [B, K]; advantages: [B]; completion_mask: [B, K] (1 = real completion token);
+    entropy_mask: [B, K] bool or None (top_entropy_quantile). w = exp(logp - old) per token, or exp(mean over the
+    completion) per sequence (importance_sampling_level=sequence). grpo/bnpo/dr_grpo/dapo: -min(min(w, delta) A,
+    clip(w, 1-eps, 1+eps_high) A); cispo: -clip(w, max=eps_high).detach() A logp; sapo: -sigmoid(tau (w-1)) 4/tau A.
+    epsilon_high=None means eps_high = eps. num_items_in_batch: active tokens in the whole step (dapo / cispo;
+    None = this batch's). metrics: TRL's clip_ratio/low_mean, high_mean, region_mean (cispo: cispo_clip_ratio)
+    as means over tokens (over sequences at sequence level), and kl when beta != 0.
     """
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(logps.dtype)
     adv = advantages.to(logps.dtype).unsqueeze(1)
-    ratio = torch.exp(logps - old_logps)
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    elif importance_sampling_level == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: expected token or sequence")
+    coef_1 = torch.exp(log_w)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(coef_1, max=epsilon_high).detach() * adv * logps
+    elif loss_type == "sapo":
+        temperature = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(coef_1.dtype)
+        per_token = -torch.sigmoid(temperature * (coef_1 - 1)) * 4 / temperature * adv
+    else:
+        coef_2 = coef_1.clamp(1 - epsilon, 1 + epsilon_high)
+        if delta is not None:  # two-sided clipping: the unclipped term is capped too
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.to(per_token.dtype)
     kl = None
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("grpo_loss: beta != 0 needs ref_logps")
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1  # k3 estimator: unbiased, always >= 0
+        kl = kl_per_token(logps, ref_logps, kl_estimator)
         per_token = per_token + beta * kl
     loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
 
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
-        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype)
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
-        metrics = {
-            "clip_ratio/low_mean": float((low * mask).sum() / n),
-            "clip_ratio/high_mean": float((high * mask).sum() / n),
-            "clip_ratio/region_mean": float(((low + high) * mask).sum() / n),
-        }
+        def masked_mean(x: torch.Tensor) -> float:
+            if x.shape[1] == 1:  # one value per sequence
+                return float(x.squeeze(1).float().mean())
+            return float((x.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1.0))
+
+        if loss_type == "cispo":
+            metrics = {"cispo_clip_ratio": masked_mean((coef_1 > epsilon_high) & (adv > 0))}
+        else:
+            low = (coef_1 < 1 - epsilon) & (adv < 0)
+            high = (coef_1 > 1 + epsilon_high) & (adv > 0)
+            metrics = {"clip_ratio/low_mean": masked_mean(low), "clip_ratio/high_mean": masked_mean(high),
+                       "clip_ratio/region_mean": masked_mean(low | high)}
         if kl is not None:
-            metrics["kl"] = float((kl * mask).sum() / n)
+            metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1.0))
     return loss, metrics
 
 
@@ -285,45 +402,49 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
 
 
 class GRPOModule(L.LightningModule):
-    """One GRPO step per batch (a list of item dicts): generate, score, advantages, one optimizer step.
+    """One GRPO step per batch (a list of item dicts): roll out, score, advantages, num_iterations optimizer steps.
 
     Manual optimisation: the update may be split into micro-batches of `micro_batch_size` completions (None =
     all B*G at once) with the loss normalised over the whole step, so the result does not depend on the split
-    (bnpo: TRL's per-micro-batch normalisation, averaged). `history` holds each step's metrics.
+    (bnpo: TRL's per-micro-batch normalisation, averaged; top_entropy_quantile: per micro-batch, as TRL).
+    `draw(n)` gives more items for dynamic sampling. `history` holds each step's metrics.
     """
 
     def __init__(self, model, tokenizer, reward_fn, build_messages, cfg: RLConfig, *, ref_model, seed: int,
-                 micro_batch_size: int | None = None):
+                 micro_batch_size: int | None = None, draw=None):
         super().__init__()
         if cfg.beta != 0.0 and ref_model is None:
             raise ValueError("rl.beta != 0 needs a reference model")
+        if cfg.dynamic_sampling and draw is None:
+            raise ValueError("rl.dynamic_sampling needs a source of more prompts (draw)")
         self.automatic_optimization = False
         self.model, self.ref_model, self.tokenizer = model, ref_model, tokenizer
-        self.reward_fn, self.build_messages = reward_fn, build_messages
+        self.reward_fn, self.build_messages, self.draw = reward_fn, build_messages, draw
         self.cfg, self.micro_batch_size, self.seed = cfg, micro_batch_size, seed
         self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.history: list[dict] = []
         self.tokens = 0
+        self.generation_step = 0
 
     def configure_optimizers(self):
         return make_optimizer(self.model.parameters(), lr=self.cfg.lr, betas=ADAM_BETAS,
                               weight_decay=self.cfg.weight_decay)
 
     @torch.no_grad()
-    @torch.no_grad()
-    def generate(self, items: list[dict]) -> dict:
-        """Sample G completions per item with the pipeline's generation engine (models/lm/generation.py); rows are
-        grouped by prompt ([p0g0, p0g1, ..., p1g0, ...]), completions right-padded."""
-        cfg, tok, G = self.cfg, self.tokenizer, self.cfg.num_generations
+    def rollout(self, items: list[dict], attempt: int) -> tuple[list, list[list[int]], list[list[list[int]]]]:
+        """(messages, prompt token ids, G completions each) from the pipeline's generation engine
+        (models/lm/generation.py); a completion ends at its stop token (kept) or after max_new_tokens."""
+        cfg = self.cfg
         messages = [self.build_messages(it) for it in items]
-        prompts = prompt_ids(tok, messages)
+        prompts = prompt_ids(self.tokenizer, messages)
         was_training = self.model.training
         self.model.eval()
         try:
-            completions = generate_ids(self.model, tok, prompts, n=G, temperature=cfg.temperature, top_p=cfg.top_p,
-                                       max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts) * G,
-                                       seed=self.seed * 1_000_003 + self.trainer.global_step, progress=False)
+            completions = generate_ids(
+                self.model, self.tokenizer, prompts, n=cfg.num_generations, temperature=cfg.temperature,
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, batch_size=len(prompts) * cfg.num_generations,
+                seed=(self.seed * 1_000_003 + self.generation_step) * 101 + attempt, progress=False)
         except RuntimeError as err:  # torch.multinomial on NaN / inf probabilities: the last update diverged
             if "inf" in str(err) and "nan" in str(err):
                 raise DivergedError("rollouts sampled from non-finite probabilities", self.trainer.global_step + 1
@@ -331,6 +452,13 @@ class GRPOModule(L.LightningModule):
             raise
         finally:
             self.model.train(was_training)
+        return messages, prompts, completions
+
+    def collate(self, messages: list, prompts: list[list[int]], completions: list[list[list[int]]]) -> dict:
+        """Tensors of a rollout: rows grouped by prompt ([p0g0, p0g1, ..., p1g0, ...]), prompts left-padded,
+        completions right-padded; completion_mask is 1 up to the first stop token (masked_completion_mask also 0
+        on truncated rows when mask_truncated_completions)."""
+        G = self.cfg.num_generations
         prompt_ids_, prompt_mask = left_padded([p for p in prompts for _ in range(G)], self.pad_id)
         rows = [c for per_prompt in completions for c in per_prompt]
         width = max(len(r) for r in rows)
@@ -338,15 +466,18 @@ class GRPOModule(L.LightningModule):
         prompt_ids_, prompt_mask, completion_ids = (t.to(self.device) for t in (prompt_ids_, prompt_mask,
                                                                                 completion_ids))
         completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
+        truncated = ~torch.isin(completion_ids, torch.tensor(self.stop_ids, device=self.device)).any(1)
+        loss_mask = completion_mask * (~truncated).unsqueeze(1) if self.cfg.mask_truncated_completions \
+            else completion_mask
         return {
             "messages": messages, "input_ids": torch.cat([prompt_ids_, completion_ids], 1),
             "completion_ids": completion_ids, "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
-            "completion_mask": completion_mask,
+            "completion_mask": completion_mask, "loss_mask": loss_mask, "truncated": truncated,
         }
 
     def score(self, items: list[dict], batch: dict) -> torch.Tensor:
-        """Call reward_fn with TRL's keyword signature; None -> NaN. Returns [B*G] float32."""
-        G = self.cfg.num_generations
+        """reward_fn with TRL's keyword signature (None -> NaN), plus DAPO's overlong penalty. [B*G] float32."""
+        cfg, G = self.cfg, self.cfg.num_generations
         ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         columns = {k: [it[k] for it in items for _ in range(G)] for k in items[0]}
@@ -354,13 +485,65 @@ class GRPOModule(L.LightningModule):
         rewards = self.reward_fn(prompts=prompts, completions=texts, completion_ids=ids, **columns)
         if len(rewards) != len(texts):
             raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
-        return torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float32)
+        rewards = torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float32)
+        lengths = batch["completion_mask"].sum(1).cpu()
+        return rewards + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer_len,
+                                          cfg.overlong_penalty_factor)
 
-    def policy_update(self, batch: dict, advantages: torch.Tensor) -> dict:
-        """One optimizer step over all completions, micro-batched; returns loss, clip ratios, kl, entropy."""
+    def sample(self, items: list[dict]) -> tuple[list[dict], dict | None, torch.Tensor, dict]:
+        """The step's items, batch and rewards. dynamic_sampling (DAPO): groups whose rewards are all equal are
+        dropped and more prompts are drawn until prompts_per_step informative groups are held or
+        max_sampling_tries rollouts were made; a step that gives up trains on the groups it has (warning with the
+        count), one with none takes no update (batch None)."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        kept: list[tuple[dict, list, list[int], list[list[int]], torch.Tensor]] = []
+        seen = dropped = attempt = 0
+        first_rewards = None
+        while True:
+            messages, prompts, completions = self.rollout(items, attempt)
+            rewards = self.score(items, self.collate(messages, prompts, completions))
+            first_rewards = rewards if first_rewards is None else first_rewards
+            keep = informative_groups(rewards, G) if cfg.dynamic_sampling else torch.ones(len(items), dtype=torch.bool)
+            for g, it in enumerate(items):
+                if keep[g]:
+                    kept.append((it, messages[g], prompts[g], completions[g], rewards[g * G:(g + 1) * G]))
+            seen += len(items)
+            dropped += int((~keep).sum())
+            attempt += 1
+            if not cfg.dynamic_sampling or len(kept) >= cfg.prompts_per_step or attempt >= cfg.max_sampling_tries:
+                break
+            items = self.draw(cfg.prompts_per_step)
+        kept = kept[:cfg.prompts_per_step]
+        stats = {"sampling/rollouts": float(attempt), "sampling/groups_dropped": float(dropped),
+                 "sampling/groups_kept": float(len(kept))}
+        if cfg.dynamic_sampling and len(kept) < cfg.prompts_per_step:
+            log.warning("dynamic sampling: %d of %d informative groups after %d rollouts of %d prompts "
+                        "(rl.max_sampling_tries=%d); training on those", len(kept), cfg.prompts_per_step, attempt,
+                        seen, cfg.max_sampling_tries)
+        if not kept:
+            return [], None, first_rewards, stats
+        items_, messages, prompts, completions, rewards = map(list, zip(*kept))
+        return items_, self.collate(messages, prompts, completions), torch.cat(rewards), stats
+
+    @torch.no_grad()
+    def logps(self, model, batch: dict) -> torch.Tensor:
+        """Per-token log-probs [B*G, K] of the completions under `model`, micro-batched, no gradient (the sampling
+        policy's for num_iterations > 1, the reference's for the KL)."""
         cfg = self.cfg
         n, K = batch["completion_ids"].shape
-        mask = batch["completion_mask"]
+        mb = self.micro_batch_size or n
+        group = cfg.num_generations if cfg.shared_prefix and mb % cfg.num_generations == 0 else 0
+        return torch.cat([selective_logprobs(model, batch["input_ids"][s:s + mb], batch["attention_mask"][s:s + mb],
+                                             K, temperature=cfg.temperature, impl=cfg.logprob_impl, group_size=group)
+                          for s in range(0, n, mb)])
+
+    def policy_update(self, batch: dict, advantages: torch.Tensor, old_logps: torch.Tensor | None = None,
+                      ref_logps: torch.Tensor | None = None) -> dict:
+        """One optimizer step over all completions, micro-batched; returns loss, clip ratios, kl, entropy.
+        old_logps None: the sampling policy is the current one (num_iterations 1), its detached log-probs."""
+        cfg = self.cfg
+        n, K = batch["completion_ids"].shape
+        mask = batch["loss_mask"]
         total_tokens = mask.sum()
         mb = self.micro_batch_size or n
         opt = self.optimizers()
@@ -373,17 +556,19 @@ class GRPOModule(L.LightningModule):
             group = cfg.num_generations if cfg.shared_prefix and mb % cfg.num_generations == 0 else 0
             logps, entropy = logprobs_and_entropy(self.model, ids, attn, K, temperature=cfg.temperature,
                                                   impl=cfg.logprob_impl, group_size=group)
-            ref = None
-            if cfg.beta != 0.0:
-                with torch.no_grad():
-                    ref = selective_logprobs(self.ref_model, ids, attn, K, temperature=cfg.temperature,
-                                             impl=cfg.logprob_impl, group_size=group)
+            old = logps.detach() if old_logps is None else old_logps[rows]
+            ref = None if ref_logps is None else ref_logps[rows]
+            emask = high_entropy_mask(entropy, mask[rows], cfg.top_entropy_quantile) \
+                if cfg.top_entropy_quantile < 1 else None
             loss, metrics = grpo_loss(
-                logps, logps.detach(), ref, advantages[rows].to(logps.device), mask[rows], epsilon=cfg.epsilon,
+                logps, old, ref, advantages[rows].to(logps.device), mask[rows], epsilon=cfg.epsilon,
                 epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
-                max_completion_length=cfg.max_new_tokens, num_items_in_batch=total_tokens,
+                max_completion_length=cfg.max_new_tokens, num_items_in_batch=total_tokens, delta=cfg.delta,
+                importance_sampling_level=cfg.importance_sampling_level, kl_estimator=cfg.kl_estimator,
+                sapo_temperature_pos=cfg.sapo_temperature_pos, sapo_temperature_neg=cfg.sapo_temperature_neg,
+                entropy_mask=emask,
             )
-            if cfg.loss_type != "dapo":  # dapo is already normalised over the whole step
+            if cfg.loss_type not in ("dapo", "cispo"):  # those are already normalised over the whole step
                 loss = loss * (rows.stop - rows.start) / n
             self.manual_backward(loss)
             # Token-weighted sums so the step's metrics are token means over all micro-batches.
@@ -401,38 +586,51 @@ class GRPOModule(L.LightningModule):
         cfg = self.cfg
         if self.ref_model is not None:
             self.ref_model.eval()  # frozen: keep it in eval mode whatever mode the caller or Lightning set
-        batch = self.generate(items)
-        rewards = self.score(items, batch)
-        advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
-        metrics = self.policy_update(batch, advantages)
+        items, batch, rewards, metrics = self.sample(items)
+        self.generation_step += 1
+        if batch is None:  # dynamic sampling found no group with a signal: nothing to learn from this step
+            metrics.update({"reward": float(rewards.nanmean()), "skipped": 1.0})
+            self.history.append(metrics)
+            return
+        lengths = batch["completion_mask"].sum(1).float()
+        advantages = compute_advantages(rewards, cfg.num_generations, cfg.advantage_estimator, cfg.scale_rewards,
+                                        batch["loss_mask"].sum(1).cpu())
+        ref = self.logps(self.ref_model, batch) if cfg.beta != 0.0 else None
+        old = self.logps(self.model, batch) if cfg.num_iterations > 1 else None
+        updates = [self.policy_update(batch, advantages, old, ref) for _ in range(cfg.num_iterations)]
+        for k in updates[0]:  # mean over the iterations on this batch
+            metrics[k] = sum(u[k] for u in updates) / len(updates)
 
         _, std = group_stats(rewards, cfg.num_generations)
-        lengths = batch["completion_mask"].sum(1).float()
-        truncated = ~torch.isin(batch["completion_ids"], torch.tensor(self.stop_ids, device=self.device)).any(1)
         self.tokens += int(batch["attention_mask"].sum())
         metrics.update({
             "reward": float(rewards.nanmean()), "reward_std": float(std.mean()),
             "frac_reward_zero_std": float((std < 1e-6).float().mean()),
             "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(truncated.float().mean()),
+            "completions/clipped_ratio": float(batch["truncated"].float().mean()),
             "tokens": float(self.tokens),
         })
+        metrics.update(getattr(self.reward_fn, "last_means", {}))  # each reward's mean (rewards.combine)
         self.history.append(metrics)  # deterministic numbers only: the history is part of the artifact
         for k, v in metrics.items():
             self.log(f"train/{k}", v, on_step=True, prog_bar=k in ("reward", "loss"), batch_size=len(items))
         self.log("train/step_time", time.perf_counter() - start, on_step=True, batch_size=len(items))
 
 
-def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> list[list[int]]:
-    """Item indices per step: walk seeded permutations of all items (a new one each pass), like TRL's sampler."""
+def item_stream(n_items: int, seed: int):
+    """Item indices forever: seeded permutations of all items, a new one each pass (TRL's sampler)."""
     rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < steps * prompts_per_step:
+    while True:
         perm = list(range(n_items))
         rng.shuffle(perm)
-        order += perm
-    return [order[s * prompts_per_step : (s + 1) * prompts_per_step] for s in range(steps)]
+        yield from perm
+
+
+def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> list[list[int]]:
+    """Item indices per step: walk seeded permutations of all items (a new one each pass), like TRL's sampler."""
+    stream = item_stream(n_items, seed)
+    return [[next(stream) for _ in range(prompts_per_step)] for _ in range(steps)]
 
 
 def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, seed: int,
@@ -440,7 +638,8 @@ def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     """GRPO-train the model in `model_dir` for cfg.steps steps on `items`, save an HF folder to `out_dir`.
 
     build_messages(item) -> chat messages for the prompt. The reference model (cfg.beta != 0) is a frozen copy
-    of model_dir. Raises DivergedError at the first non-finite loss or if the trained weights are not finite.
+    of model_dir. Dynamic sampling draws its extra prompts from a second seeded stream over the same items.
+    Raises DivergedError at the first non-finite loss or if the trained weights are not finite.
     Returns {"steps", "reward" (last step), "history" (per-step metrics), "tokens"}.
     """
     if not items:
@@ -451,13 +650,14 @@ def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     if cfg.beta != 0.0:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     policy = load_for_training(model_dir, lora=None, gradient_checkpointing=False)
+    extra = item_stream(len(items), seed + 1)
     module = GRPOModule(policy, tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model, seed=seed,
-                        micro_batch_size=micro_batch_size)
+                        micro_batch_size=micro_batch_size, draw=lambda n: [items[next(extra)] for _ in range(n)])
     batches = [[items[i] for i in idx] for idx in step_items(len(items), cfg.steps, cfg.prompts_per_step, seed)]
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     with tempfile.TemporaryDirectory() as root, quiet_warnings():
-        trainer = make_trainer(max_steps=cfg.steps, max_epochs=1, grad_accum=1, precision=cfg.precision,
-                               logger=logger, progress=progress, root_dir=root)
+        trainer = make_trainer(max_steps=cfg.steps * cfg.num_iterations, max_epochs=1, grad_accum=1,
+                               precision=cfg.precision, logger=logger, progress=progress, root_dir=root)
         trainer.fit(module, train_dataloaders=loader)
 
     check_finite_weights(module.model, trainer.global_step)

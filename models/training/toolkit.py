@@ -1,6 +1,8 @@
 """What every trainer here shares (torchtune's training/): loading a model for training (LoRA, activation
-checkpointing), AdamW and LR schedules, the Lightning Trainer, resumable step checkpoints, memory hygiene, and
-the divergence guard. Trainers (sft.py, grpo.py) import this; they never import each other.
+checkpointing), SFT examples and their loss (SFT, SASR's SFT steps, DPO's sequences), AdamW and LR schedules, the
+Lightning Trainer, resumable step checkpoints, memory hygiene, and the divergence guard. Trainers (sft.py,
+grpo.py, dpo.py) import this; they never import each other, except SASR (sasr.py), which schedules GRPO's own
+steps (grpo.GRPOModule) between SFT steps.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from branchmerge.models.data.packing import IGNORE_INDEX
+from branchmerge.models.lm.chat import end_of_turn_text
 from branchmerge.models.training import DivergedError
 from branchmerge.models.training.config import LoraConfig
 
@@ -28,6 +33,55 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.ckpt"
 FINGERPRINT = "run_fingerprint.txt"  # which run wrote the checkpoint beside it (run_fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------- SFT examples
+
+
+def tokenize_example(tokenizer, messages: list[dict], completion: str, max_length: int) -> dict:
+    """Token ids and labels for one SFT example; labels are -100 on prompt tokens.
+
+    Prompt and target are tokenized separately (as at inference, where the model continues the prompt's ids),
+    so no BPE merge crosses the boundary. If prompt + target exceed max_length, tokens are dropped from the
+    end of the completion (the prompt is kept whole); the end-of-turn token is then lost too. A prompt longer
+    than max_length leaves no target token: all labels are -100 (train_sft drops such examples).
+    """
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(completion + end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pad_collate(rows: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a batch to its longest row (dynamic padding)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if "ref_logp" in rows[0]:  # PoFT: the reference model's r(x, y) per example
+        batch["ref_logps"] = torch.tensor([r["ref_logp"] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits[:, t] predicts labels[:, t + 1]; mean over labels != -100.
+
+    Computed in float32 whatever the logits' dtype. A batch without any target token gives 0 (not NaN).
+    """
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
 
 
 # ----------------------------------------------------------------------------------------------- model
