@@ -306,16 +306,25 @@ def load(where: tuple[Path, str]):
         return h.get_tensor(where[1]).float()
 
 
+def stored_dtype(where: tuple[Path, str]) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(where[0]), framework="pt") as h:
+        return h.get_slice(where[1]).get_dtype()
+
+
 def compare(ours: Path, theirs: Path, random_tensor) -> dict:
     """max |ours - mergekit| over every shared tensor (float32), split into judged and random tensors."""
     import torch
 
     a, b = weights(ours), weights(theirs)
-    judged, rand = (0.0, None), (0.0, None)
+    judged, rand, dtypes = (0.0, None), (0.0, None), []
     for name in sorted(set(a) & set(b)):
         x, y = load(a[name]), load(b[name])
         if x.shape != y.shape:
             raise RuntimeError(f"{name}: ours {list(x.shape)} vs mergekit {list(y.shape)}")
+        if stored_dtype(a[name]) != stored_dtype(b[name]):  # same values in another dtype are not the same file
+            dtypes.append(f"{name}: ours {stored_dtype(a[name])}, mergekit {stored_dtype(b[name])}")
         both_nan = torch.isnan(x) & torch.isnan(y)
         d = (x - y).abs().masked_fill(both_nan, 0)
         worst = float("inf") if torch.isnan(d).any() else float(d.max()) if d.numel() else 0.0
@@ -325,6 +334,7 @@ def compare(ours: Path, theirs: Path, random_tensor) -> dict:
         elif key == "judged" and worst >= judged[0]:
             judged = (worst, name)
     return {"max_abs": judged[0], "worst_tensor": judged[1], "random_max_abs": rand[0], "random_worst": rand[1],
+            "dtype_mismatches": dtypes,
             "only_ours": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a))}
 
 
@@ -399,7 +409,7 @@ def bench_method(method: str, config: dict, venv: Path, base: Path, fts: list[Pa
         row["kept_mergekit"] = kept_fraction(d / "probe-mergekit", base, fts[0])
         row["kept_ok"] = all(abs(row[k] - density) <= KEPT_TOLERANCE for k in ("kept_ours", "kept_mergekit"))
     else:
-        row["status"] = "ok" if row["max_abs"] <= TOLERANCE else "FAIL"
+        row["status"] = "ok" if row["max_abs"] <= TOLERANCE and not row["dtype_mismatches"] else "FAIL"
     if not keep:
         shutil.rmtree(d, ignore_errors=True)
     return row
@@ -421,6 +431,8 @@ def print_table(rows: list[dict]) -> None:
         notes, label = [], f"{r['method']} ({r['variant']})"
         if r["status"] == "FAIL":
             notes.append(f"worst tensor {r['worst_tensor']} (|Δ| {r['max_abs']:.3e})")
+        if r.get("dtype_mismatches"):
+            notes.append(f"{len(r['dtype_mismatches'])} tensors in another dtype, e.g. {r['dtype_mismatches'][0]}")
         if r["status"] == "random":
             notes.append(f"kept fraction at density {r['density']}: ours {r['kept_ours']:.4f}, mergekit "
                          f"{r['kept_mergekit']:.4f} ({'ok' if r['kept_ok'] else 'OFF'}, tolerance {KEPT_TOLERANCE})")

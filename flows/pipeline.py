@@ -31,6 +31,7 @@ from branchmerge.flows.config import compose, resolve  # noqa: E402
 from branchmerge.flows.schema import PipelineConfig  # noqa: E402
 from branchmerge.flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
 from branchmerge.tasks.common import Job, execute, write_json  # noqa: E402
+from branchmerge.tasks import rl as rl_stage  # noqa: E402
 from branchmerge.tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
 from branchmerge.tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
 
@@ -127,6 +128,11 @@ def run_stages(cfg: PipelineConfig, stages: Stages) -> dict[str, ArtifactRef]:
     return refs
 
 
+def rl_final_dtype(cfg: PipelineConfig) -> str:
+    """The dtype the last RL stage saved its weights in."""
+    return cfg.rl.dpo.save_dtype if cfg.rl.stages[-1] == "dpo" else cfg.rl.save_dtype
+
+
 def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
     """Built per run from the config (a deployment's overrides may change it), not fixed on the decorator."""
     if cfg.runner.kind == "threads" and cfg.runner.max_workers > 1:
@@ -219,7 +225,8 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     ci = {f"pass_at_1_ci_{end}.{name}": bounds["overall"][i] for name, bounds in intervals.items()
           for i, end in enumerate(("low", "high"))}
     # the final model: rl's, else the merged one (its artifact, its evaluation, the dtype it was saved in)
-    final_stage, final_eval, final_dtype = (("rl", "eval/rl", cfg.rl.save_dtype) if "rl" in refs
+    rl_final = rl_stage.final(cfg) if cfg.rl.enabled else None
+    final_stage, final_eval, final_dtype = ((rl_final, "eval/rl", rl_final_dtype(cfg)) if rl_final in refs
                                             else ("merge", "eval/merged", cfg.merge.out_dtype))
     final = refs[final_stage]
     model = None

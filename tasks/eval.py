@@ -20,23 +20,27 @@ def models(cfg: PipelineConfig) -> list[str]:
             "merged", *(["rl"] if cfg.rl.enabled else [])]
 
 
-def model_artifact(item: str) -> str:
+def model_artifact(cfg: PipelineConfig, item: str) -> str:
     if item == "base":
         return "model/student"
     if item.startswith("branch/"):
         return f"sft/{item.removeprefix('branch/')}"
-    return {"mixture": "sft/mixture", "merged": "merge", "rl": "rl"}[item]
+    if item == "rl":  # the last of the RL stages
+        from branchmerge.tasks.rl import final
+
+        return final(cfg)
+    return {"mixture": "sft/mixture", "merged": "merge"}[item]
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
-    return [model_artifact(item), "mix"]
+    return [model_artifact(cfg, item), "mix"]
 
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     # The model's name is not in the key: the same weights evaluated under two names are evaluated once.
     # Nor is where a server runs (EvalConfig.key).
     return make_job(f"eval/{item}", {"eval": cfg.eval.model_dump(), "seed": cfg.run.seed},
-                    {"model": refs[model_artifact(item)], "mix": refs["mix"]}, __name__, cfg.run.store,
+                    {"model": refs[model_artifact(cfg, item)], "mix": refs["mix"]}, __name__, cfg.run.store,
                     "eval" in cfg.run.refresh, key_config={"eval": cfg.eval.key(), "seed": cfg.run.seed})
 
 

@@ -49,7 +49,7 @@ STAGES = (
     Stage("teacher", teacher, ("mix", "model"), ("teacher", "run.seed"), _one),
     Stage("sft", sft, ("model", "teacher"), ("sft", "run.seed"), sft.items),
     Stage("merge", merge, ("model", "sft"), ("merge", "run.seed"), _one),
-    Stage("rl", rl, ("merge", "mix"), ("rl", "run.seed"), lambda cfg: [""] if cfg.rl.enabled else []),
+    Stage("rl", rl, ("merge", "mix", "teacher"), ("rl", "run.seed"), rl.items),
     Stage("eval", eval_stage, ("model", "sft", "merge", "rl", "mix"), ("eval",), eval_stage.models),
     Stage("report", report, ("eval",), (), _one),
 )

@@ -88,4 +88,4 @@ def test_an_edit_changes_the_keys_downstream_and_bench_or_readme_change_none(cop
     assert planned_keys(copy, store) == before
     edit(copy / "models" / "merging" / "methods" / "sce.py")  # the merge runs it: merge and what follows
     after = planned_keys(copy, store)
-    assert {n for n in before if after[n] != before[n]} == {"merge", "rl", "eval/merged", "eval/rl", "report"}
+    assert {n for n in before if after[n] != before[n]} == {"merge", "rl/grpo", "eval/merged", "eval/rl", "report"}

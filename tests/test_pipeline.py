@@ -43,7 +43,7 @@ def first(store):
 def test_end_to_end_computes_every_stage(first):
     st = statuses(first)
     domains = ["arithmetic", "gcd", "lcm"]
-    expected = {"model/tiny-llama", "mix", "teacher", *(f"sft/{d}" for d in domains), "sft/mixture", "merge", "rl",
+    expected = {"model/tiny-llama", "mix", "teacher", *(f"sft/{d}" for d in domains), "sft/mixture", "merge", "rl/grpo",
                 "eval/base", *(f"eval/branch/{d}" for d in domains), "eval/mixture", "eval/merged", "eval/rl",
                 "report"}
     assert set(st) == expected
@@ -122,7 +122,8 @@ def test_merge_method_change_reruns_only_downstream(store, first):
     st = statuses(ties)
     recomputed = {s for s, v in st.items() if v == "computed"}
     # The report is recomputed only if an eval's content changed (its key hashes the evals' digests).
-    assert {"merge", "rl", "eval/merged", "eval/rl"} <= recomputed <= {"merge", "rl", "eval/merged", "eval/rl", "report"}
+    assert {"merge", "rl/grpo", "eval/merged", "eval/rl"} <= recomputed <= {"merge", "rl/grpo", "eval/merged", "eval/rl",
+                                                                             "report"}
     assert ties["stages"]["sft/gcd"]["digest"] == first["stages"]["sft/gcd"]["digest"]
 
 

@@ -99,8 +99,8 @@ def plan(spec: MergeSpec, ckpts: list[Checkpoint], vocab_rows: int | None = None
             for i in range(len(ckpts)) if spec.has_model_params(i)
         ]
         _check(spec, name, params, models)
-        jobs.append(TensorJob(name, inputs, sources, params, models, spec.out_dtype or ref_dtype, shape,
-                              base=spec.base, reference=spec.reference,
+        out_dtype = spec.out_dtype or spec.method.result_dtype(ref_dtype)
+        jobs.append(TensorJob(name, inputs, sources, params, models, out_dtype, shape, base=spec.base, reference=spec.reference,
                               vocab=vocab_rows is not None and is_vocab_tensor(name)))
     return jobs
 
@@ -172,8 +172,8 @@ def plan_slices(spec: MergeSpec, ckpts: list[Checkpoint], vocab_rows: int | None
                                   src, t, labels[k])
                   for k, (s, src) in enumerate(zip(sl.sources, sources)) if k != sl.base]
         _check(spec, out, params, models)
-        return TensorJob(out, inputs, sources, params, models, spec.out_dtype or ref_dtype, shape,
-                         base=sl.base, reference=reference, vocab=vocab_rows is not None and is_vocab_tensor(out))
+        out_dtype = spec.out_dtype or spec.method.result_dtype(ref_dtype)
+        return TensorJob(out, inputs, sources, params, models, out_dtype, shape, base=sl.base, reference=reference, vocab=vocab_rows is not None and is_vocab_tensor(out))
 
     head = [n for n in ckpts[first.sources[0].input].names() if layer_index(n) is None and "embed" in n]
     tail_ck = ckpts[last.sources[0].input]

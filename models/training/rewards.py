@@ -30,9 +30,8 @@ import threading
 from functools import lru_cache
 from itertools import pairwise
 
-from math_verify import parse, verify
-
 from branchmerge.models.data.domains import completion_text, extract_answer, score
+from math_verify import parse, verify
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,6 @@ import tempfile
 
 import lightning as L
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from branchmerge.models.lm.hf import save_model_folder
 from branchmerge.models.training.config import RLConfig
 from branchmerge.models.training.grpo import GRPOModule, item_stream, step_items
@@ -36,6 +34,7 @@ from branchmerge.models.training.toolkit import (
     quiet_warnings,
     tokenize_example,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class SASRSchedule:

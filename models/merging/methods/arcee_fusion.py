@@ -74,6 +74,7 @@ def arcee_fusion(base, tensors, models, p, generator) -> torch.Tensor:
 METHODS = [
     MergeMethod(
         name="arcee_fusion", fn=arcee_fusion, base="required", min_inputs=2, max_inputs=2,
+        result_dtype=lambda dtype: torch.promote_types(dtype, torch.float32),
         reference="github.com/arcee-ai/mergekit (merge_methods/arcee_fusion.py)",
     ),
 ]

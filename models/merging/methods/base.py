@@ -56,6 +56,9 @@ class MergeMethod:
     # run per tensor while planning, before any weight is read. Raise ValueError.
     check: Callable[[Any, list[Any]], None] | None = None
     reference: str = ""
+    # The dtype the method returns for inputs of a dtype, which a merge without out_dtype writes (mergekit saves
+    # what the method returns): arcee_fusion's float32 mask and RAM+'s float32 lambda make bf16 inputs float32.
+    result_dtype: Callable[[torch.dtype], torch.dtype] = lambda dtype: dtype
 
     def global_names(self) -> list[str]:
         return parameter_names(self.params)

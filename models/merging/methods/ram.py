@@ -67,7 +67,10 @@ def ramplus_tl(base, tensors, models, p: RamPlusParams, generator) -> torch.Tens
     unique_n = torch.zeros(len(tensors), dtype=torch.long)
     flat = base.reshape(-1)
     for start in range(0, flat.numel(), CHUNK):
-        _, contributes, count = _contributions(base, tensors, p.epsilon, start, min(start + CHUNK, flat.numel()))
+        stop = min(start + CHUNK, flat.numel())
+        contributes = torch.stack([(t.reshape(-1)[start:stop] - flat[start:stop]).abs_() > p.epsilon
+                                   for t in tensors])  # the counts only: no kept deltas in this pass
+        count = contributes.sum(dim=0, keepdim=True)
         shared_n += (contributes & (count > 1)).sum(dim=1)
         unique_n += (contributes & (count == 1)).sum(dim=1)
     rho = shared_n / unique_n.clamp(min=p.epsilon)
@@ -80,5 +83,6 @@ METHODS = [
     MergeMethod(name="ram", fn=ram, params=RamParams, base="required", min_inputs=1,
                 reference="arxiv.org/abs/2601.13572"),
     MergeMethod(name="ramplus_tl", fn=ramplus_tl, params=RamPlusParams, base="required", min_inputs=1,
-                reference="arxiv.org/abs/2601.13572"),
+                reference="arxiv.org/abs/2601.13572",
+                result_dtype=lambda dtype: torch.promote_types(dtype, torch.float32)),
 ]
