@@ -31,51 +31,64 @@ CHUNK = 1 << 20  # positions per pass: every step is elementwise (RAM+'s counts 
 
 
 def _contributions(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float, start: int, stop: int):
-    """Positions [start, stop): (deltas [N, n] zeroed where they do not count, contributes [N, n], contributors
-    [1, n]). The arithmetic is mergekit's (_prepare_ram_vectors and the products that follow)."""
+    """Positions [start, stop): (deltas [N, n], contributes [N, n], contributors [1, n]), mergekit's
+    _prepare_ram_vectors on that slice."""
     deltas = torch.stack([t.reshape(-1)[start:stop] - base.reshape(-1)[start:stop] for t in tensors])
     contributes = deltas.abs() > epsilon
-    return deltas * contributes, contributes, contributes.sum(dim=0, keepdim=True)
+    return deltas, contributes, contributes.sum(dim=0, keepdim=True)
 
 
-def _merged(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float, unique_scale) -> torch.Tensor:
-    """base + sum over models of (unique deltas x unique_scale) + (shared deltas / their contributors)."""
+def _merge_chunk(deltas, contributes, count, unique_scale) -> torch.Tensor:
+    """sum over models of (unique deltas x unique_scale) + (shared deltas / their contributors), mergekit's ops."""
+    kept = deltas * contributes
+    unique = kept * (count == 1)
+    if unique_scale is not None:
+        unique = unique * unique_scale
+    return (unique + kept * (count > 1) / count.clamp(min=1)).sum(dim=0, keepdim=True)
+
+
+def _merged(base: torch.Tensor, parts, unique_scale) -> torch.Tensor:
+    """base + each chunk's merged deltas; `parts` yields (start, stop, deltas, contributes, count)."""
     # RAM+'s lambda is float32: bf16 inputs give a float32 result, as in mergekit
     dtype = base.dtype if unique_scale is None else torch.promote_types(base.dtype, unique_scale.dtype)
     out = torch.empty(base.numel(), dtype=dtype)
     flat = base.reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        stop = min(start + CHUNK, flat.numel())
-        kept, _, count = _contributions(base, tensors, epsilon, start, stop)
-        unique = kept * (count == 1)
-        if unique_scale is not None:
-            unique = unique * unique_scale
-        merged = (unique + kept * (count > 1) / count.clamp(min=1)).sum(dim=0, keepdim=True)
-        out[start:stop] = flat[start:stop] + merged.reshape(-1)
+    for start, stop, deltas, contributes, count in parts:
+        out[start:stop] = flat[start:stop] + _merge_chunk(deltas, contributes, count, unique_scale).reshape(-1)
     return out.view(base.shape)
+
+
+def _chunks(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float):
+    n = base.numel()
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        yield (start, stop, *_contributions(base, tensors, epsilon, start, stop))
 
 
 def ram(base, tensors, models, p: RamParams, generator) -> torch.Tensor:
     """base + (unique deltas whole) + (shared deltas / their number of contributors)."""
-    return _merged(base, tensors, p.epsilon, None)
+    return _merged(base, _chunks(base, tensors, p.epsilon), None)
 
 
 def ramplus_tl(base, tensors, models, p: RamPlusParams, generator) -> torch.Tensor:
-    """RAM with each model's unique deltas scaled by its lambda (module docstring); the counts behind lambda are
-    over the whole tensor, taken in a first pass."""
+    """RAM with each model's unique deltas scaled by its lambda (module docstring). lambda needs counts over the
+    whole tensor: a first pass takes them and keeps each chunk's deltas and masks for the second (about the
+    inputs' size again, instead of computing them twice)."""
     shared_n = torch.zeros(len(tensors), dtype=torch.long)
     unique_n = torch.zeros(len(tensors), dtype=torch.long)
-    flat = base.reshape(-1)
-    for start in range(0, flat.numel(), CHUNK):
-        stop = min(start + CHUNK, flat.numel())
-        contributes = torch.stack([(t.reshape(-1)[start:stop] - flat[start:stop]).abs_() > p.epsilon
-                                   for t in tensors])  # the counts only: no kept deltas in this pass
-        count = contributes.sum(dim=0, keepdim=True)
+    parts = []
+    for start, stop, deltas, contributes, count in _chunks(base, tensors, p.epsilon):
         shared_n += (contributes & (count > 1)).sum(dim=1)
         unique_n += (contributes & (count == 1)).sum(dim=1)
+        parts.append((start, stop, deltas, contributes, count))
     rho = shared_n / unique_n.clamp(min=p.epsilon)
     lam = 1 + p.r * rho.clamp(min=0, max=p.alpha)
-    return _merged(base, tensors, p.epsilon, lam.unsqueeze(-1))
+
+    def consumed():  # each chunk freed once merged
+        while parts:
+            yield parts.pop(0)
+
+    return _merged(base, consumed(), lam.unsqueeze(-1))
 
 
 # This family's methods; models/merging/registry.py lists every family.
