@@ -40,11 +40,13 @@ def _contributions(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: flo
 
 def _merge_chunk(deltas, contributes, count, unique_scale) -> torch.Tensor:
     """sum over models of (unique deltas x unique_scale) + (shared deltas / their contributors), mergekit's ops."""
-    kept = deltas * contributes
-    unique = kept * (count == 1)
+    # masks as 0/1 in the deltas' dtype: x * 1.0 and x * 0.0 are x * True and x * False bit for bit (signed zeros
+    # included), and float * float is vectorised where float * bool is not
+    kept = deltas * contributes.to(deltas.dtype)
+    unique = kept * (count == 1).to(deltas.dtype)
     if unique_scale is not None:
         unique = unique * unique_scale
-    return (unique + kept * (count > 1) / count.clamp(min=1)).sum(dim=0, keepdim=True)
+    return (unique + kept * (count > 1).to(deltas.dtype) / count.clamp(min=1)).sum(dim=0, keepdim=True)
 
 
 def _merged(base: torch.Tensor, parts, unique_scale) -> torch.Tensor:
