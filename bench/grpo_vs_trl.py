@@ -32,8 +32,9 @@ Measured, per run:
 - generation: time in GRPOModule.rollout (prompt tokenizing + generate_ids) / GRPOTrainer._generate_single_turn
   (left padding + model.generate + EOS masking), and the completion tokens it returned (up to and including the
   stop token on both sides); the generation share is that time over the training loop's.
-- peak RSS: the whole process's (imports, model, data, training; ours also saves the model after training, TRL
-  saves nothing), read by a wrapper process; "peak in train" is the process's own ru_maxrss right after training.
+- peak RSS: the whole process's (imports, model, data, training), read by a wrapper process; "peak in train" is
+  the process's own ru_maxrss right after training. Neither side saves the trained model (train_grpo's save is
+  skipped in the child, TRL runs with save_strategy=no).
 - prompt tokens (summed over the steps' prompts, once per prompt) must agree: the same prompts, tokenized alike.
 
 TRL settings (GRPOConfig): conf/rl/grpo.yaml's lr, weight_decay, temperature, top_p, epsilon, epsilon_high,
@@ -118,7 +119,7 @@ import lightning as L
 fit = L.Trainer.fit
 
 
-def timed_fit(self, *args, **kwargs):  # train_grpo also loads the models before and saves one after
+def timed_fit(self, *args, **kwargs):  # train_grpo also loads the models before fit
     timed["rss_before_train_mb"] = rss_mb()
     timed["t0"] = time.perf_counter()
     fit(self, *args, **kwargs)
@@ -128,8 +129,11 @@ def timed_fit(self, *args, **kwargs):  # train_grpo also loads the models before
 
 L.Trainer.fit = timed_fit
 from branchmerge.models.data import domains
+from branchmerge.models.training import grpo
 from branchmerge.models.training.config import RLConfig
 from branchmerge.models.training.grpo import GRPOModule, train_grpo
+
+grpo.save_model_folder = lambda *args, **kwargs: None  # TRL saves nothing here either (save_strategy=no)
 
 training_step, rollout = GRPOModule.training_step, GRPOModule.rollout
 
@@ -300,7 +304,7 @@ def run_child(python: str, script: Path, settings: dict, model: Path, data: Path
                                "settings": settings, "reported": list(reported),
                                "domains_py": str(ROOT / "models" / "data" / "domains.py")}))
     run = measured([python, str(script), str(job)], env)
-    shutil.rmtree(out, ignore_errors=True)  # ours saves a 0.5 GB model per run
+    shutil.rmtree(out, ignore_errors=True)
     return {**json.loads(result.read_text()), "peak_rss_mb": run["peak_rss_mb"], "process_s": run["seconds"]}
 
 
