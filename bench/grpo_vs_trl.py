@@ -73,8 +73,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, peer_venv  # noqa: E402
-from bench.sft_vs_trl import base_model, dotlist, label  # noqa: E402
+from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, peer_venv
+from bench.sft_vs_trl import base_model, dotlist, label
 
 TRL = "trl==1.16.0"
 TORCH = "torch==2.13.0"
@@ -312,14 +312,14 @@ def summarize(variant: dict) -> dict:
     runs = variant["runs"]
     for r in runs:
         ends = [r["t0"], *r["step_ends"]]
-        steps = [b - a for a, b in zip(ends, ends[1:])]
+        steps = [b - a for a, b in itertools.pairwise(ends)]
         r["first_step_s"] = steps[0]
         r["step_s"] = statistics.median(steps[1:]) if len(steps) > 1 else float("nan")
         r["gen_step_s"] = statistics.median(r["gen_s"][1:] or r["gen_s"])
         r["gen_share"] = sum(r["gen_s"]) / r["train_s"]
         r["gen_tokens_per_s"] = r["gen_tokens"] / sum(r["gen_s"])
         r["mean_reward"] = statistics.fmean(r["rewards"]) if r["rewards"] else float("nan")
-    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in runs)
     keys = ("step_s", "first_step_s", "train_s", "gen_step_s", "gen_share", "gen_tokens", "gen_tokens_per_s",
             "prompt_tokens", "peak_rss_mb", "peak_in_train_mb", "rss_before_train_mb", "mean_reward")
     return {**variant, **{k: med(k) for k in keys}}
@@ -414,7 +414,7 @@ def main() -> None:
                 v["runs"].append(r)
                 ends = [r["t0"], *r["step_ends"]]
                 print(f"{v['label']}: {r['steps']} steps in {r['train_s']:.1f} s (median step "
-                      f"{statistics.median(b - a for a, b in zip(ends[1:], ends[2:])):.2f} s), generation "
+                      f"{statistics.median(b - a for a, b in itertools.pairwise(ends[1:])):.2f} s), generation "
                       f"{sum(r['gen_s']):.1f} s for {r['gen_tokens']} tokens, peak RSS {r['peak_rss_mb']:.0f} MB "
                       f"(process {r['process_s']:.0f} s)", flush=True)
     finally:
