@@ -62,7 +62,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -73,8 +72,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, peer_venv
-from bench.sft_vs_trl import base_model, dotlist, label
+from bench.merge_vs_mergekit import DOMAINS, cache_root, peer_venv
+from bench.sft_vs_trl import alternating, base_model, child_envs, dotlist, label, run_child
 
 TRL = "trl==1.16.0"
 TORCH = "torch==2.13.0"
@@ -294,20 +293,6 @@ def trl_settings(overrides: dict, shared: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- running
 
 
-def run_child(python: str, script: Path, settings: dict, model: Path, data: Path, work: Path, env: dict,
-              reported: tuple[str, ...] = ()) -> dict:
-    out, result = work / "out", work / "result.json"
-    shutil.rmtree(out, ignore_errors=True)
-    result.unlink(missing_ok=True)
-    job = work / "job.json"
-    job.write_text(json.dumps({"model": str(model), "data": str(data), "out": str(out), "result": str(result),
-                               "settings": settings, "reported": list(reported),
-                               "domains_py": str(ROOT / "models" / "data" / "domains.py")}))
-    run = measured([python, str(script), str(job)], env)
-    shutil.rmtree(out, ignore_errors=True)
-    return {**json.loads(result.read_text()), "peak_rss_mb": run["peak_rss_mb"], "process_s": run["seconds"]}
-
-
 def summarize(variant: dict) -> dict:
     runs = variant["runs"]
     for r in runs:
@@ -387,28 +372,23 @@ def main() -> None:
         data["trl_order"] = [data["items"][i] for step in order for i in step]
         data_file = work / "data.json"
         data_file.write_text(json.dumps(data))
+        # what each child reads besides its settings: the prompts, and domains.py for TRL's reward (its venv cannot
+        # import this repo)
+        inputs = {"data": str(data_file), "domains_py": str(ROOT / "models" / "data" / "domains.py")}
         (work / "ours_child.py").write_text(OURS)
         (work / "trl_child.py").write_text(THEIRS)  # not trl.py: it would shadow trl
-        # Ours imports this repo (PYTHONPATH); TRL's process must not: our top-level `kernels` package would
-        # shadow the HF `kernels` package transformers probes for. Its script lies outside the repo for the same
-        # reason (a script's folder heads sys.path).
-        base_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-                        TOKENIZERS_PARALLELISM="false")
-        base_env.pop("PYTHONPATH", None)
-        ours_env = dict(base_env, PYTHONPATH=str(ROOT))
+        base_env, ours_env = child_envs()
         print(f"{len(data['items'])} prompts, {args.steps} steps x {args.prompts} prompts x {args.generations} "
               f"completions of <= {args.max_new_tokens} tokens, beta {args.beta}, fp32; {TRL} ({venv})", flush=True)
-        # Alternate sides within a repeat, so drift on a shared machine hits both alike.
-        sides = ([v for v in variants if v["side"] == "trl"], [v for v in variants if v["side"] == "ours"])
-        runs = [v for pair in itertools.zip_longest(*sides) for v in pair if v is not None]
+        runs = alternating(variants)
         for _ in range(args.repeats):
             for v in runs:
                 if v["side"] == "ours":
-                    r = run_child(sys.executable, work / "ours_child.py", v["settings"], model, data_file, work,
+                    r = run_child(sys.executable, work / "ours_child.py", v["settings"], model, inputs, work,
                                   ours_env)
                 else:
                     r = run_child(str(venv / "bin" / "python"), work / "trl_child.py", v["settings"], model,
-                                  data_file, work, base_env, TRL_REPORTED)
+                                  inputs, work, base_env, TRL_REPORTED)
                 if r["steps"] != args.steps:
                     raise RuntimeError(f"{v['label']}: ran {r['steps']} steps, expected {args.steps}")
                 v["runs"].append(r)

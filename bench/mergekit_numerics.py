@@ -13,8 +13,7 @@ _prepare_ram_vectors is called and the two lines of each method body are applied
 """
 import sys, torch
 sys.path.insert(0, "/tmp/shim")
-from mergekit.merge_methods.ram import ram_merge, ramplus_tl_merge, _prepare_ram_vectors
-import mergekit.merge_methods.ram as R
+from mergekit.merge_methods.ram import _prepare_ram_vectors
 from mergekit.merge_methods.slerp import slerp as mk_slerp
 from mergekit.merge_methods.karcher import karcher_merge_tensors
 from branchmerge.models.merging.registry import METHODS

@@ -244,17 +244,35 @@ def label(side: str, kv: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------- running
 
 
-def run_child(python: str, script: Path, settings: dict, model: Path, data: Path, work: Path, env: dict,
+def run_child(python: str, script: Path, settings: dict, model: Path, inputs: dict, work: Path, env: dict,
               reported: tuple[str, ...] = ()) -> dict:
+    """One measured child run: a job file with the model, `inputs` (the child's data paths), settings and where to
+    write; returns the child's result with the process's peak RSS and wall time. Shared with grpo_vs_trl.py."""
     out, result = work / "out", work / "result.json"
     shutil.rmtree(out, ignore_errors=True)
     result.unlink(missing_ok=True)
     job = work / "job.json"
-    job.write_text(json.dumps({"model": str(model), "examples": str(data), "out": str(out), "result": str(result),
+    job.write_text(json.dumps({"model": str(model), **inputs, "out": str(out), "result": str(result),
                                "settings": settings, "reported": list(reported)}))
     run = measured([python, str(script), str(job)], env)
     shutil.rmtree(out, ignore_errors=True)  # ours saves a 0.5 GB model per run
     return {**json.loads(result.read_text()), "peak_rss_mb": run["peak_rss_mb"], "process_s": run["seconds"]}
+
+
+def child_envs() -> tuple[dict, dict]:
+    """(TRL's, ours'): ours imports this repo (PYTHONPATH); TRL's process must not: our top-level `kernels` package
+    would shadow the HF `kernels` package transformers probes for (its script lies outside the repo for the same
+    reason: a script's folder heads sys.path)."""
+    trl = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
+               TOKENIZERS_PARALLELISM="false")
+    trl.pop("PYTHONPATH", None)
+    return trl, dict(trl, PYTHONPATH=str(ROOT))
+
+
+def alternating(variants: list[dict]) -> list[dict]:
+    """TRL and ours variants interleaved, so drift on a shared machine hits both alike."""
+    sides = ([v for v in variants if v["side"] == "trl"], [v for v in variants if v["side"] == "ours"])
+    return [v for pair in itertools.zip_longest(*sides) for v in pair if v is not None]
 
 
 def summarize(variant: dict) -> dict:
@@ -327,25 +345,18 @@ def main() -> None:
         data.write_text(json.dumps(ex))
         (work / "ours_child.py").write_text(OURS)
         (work / "trl_child.py").write_text(THEIRS)  # not trl.py: it would shadow trl
-        # Ours imports this repo (PYTHONPATH); TRL's process must not: our top-level `kernels` package would
-        # shadow the HF `kernels` package transformers probes for. Its script lies outside the repo for the same
-        # reason (a script's folder heads sys.path).
-        base_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-                        TOKENIZERS_PARALLELISM="false")
-        base_env.pop("PYTHONPATH", None)
-        ours_env = dict(base_env, PYTHONPATH=str(ROOT))
+        base_env, ours_env = child_envs()
         print(f"{len(ex)} examples, {args.steps} steps x batch {args.batch_size} x accum {conf_sft()['grad_accum']}, "
               f"max_length {args.max_length}; {TRL} ({venv})", flush=True)
-        # Alternate sides within a repeat, so drift on a shared machine hits both alike.
-        sides = ([v for v in variants if v["side"] == "trl"], [v for v in variants if v["side"] == "ours"])
-        order = [v for pair in itertools.zip_longest(*sides) for v in pair if v is not None]
+        order = alternating(variants)
         for _ in range(args.repeats):
             for v in order:
                 if v["side"] == "ours":
-                    r = run_child(sys.executable, work / "ours_child.py", v["settings"], model, data, work, ours_env)
+                    r = run_child(sys.executable, work / "ours_child.py", v["settings"], model,
+                                  {"examples": str(data)}, work, ours_env)
                 else:
-                    r = run_child(str(venv / "bin" / "python"), work / "trl_child.py", v["settings"], model, data, work,
-                                  base_env, TRL_REPORTED)
+                    r = run_child(str(venv / "bin" / "python"), work / "trl_child.py", v["settings"], model,
+                                  {"examples": str(data)}, work, base_env, TRL_REPORTED)
                 if r["steps"] != args.steps:
                     raise RuntimeError(f"{v['label']}: ran {r['steps']} steps, expected {args.steps}")
                 v["runs"].append(r)

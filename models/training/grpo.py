@@ -633,6 +633,15 @@ def step_items(n_items: int, steps: int, prompts_per_step: int, seed: int) -> li
     return [[next(stream) for _ in range(prompts_per_step)] for _ in range(steps)]
 
 
+def load_rl_models(cfg: RLConfig, model_dir):
+    """(tokenizer, policy to train, frozen float32 reference or None when cfg.beta == 0) from model_dir."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ref_model = None
+    if cfg.beta != 0.0:
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    return tokenizer, load_for_training(model_dir, lora=None, gradient_checkpointing=False), ref_model
+
+
 def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_messages, out_dir, *, seed: int,
                logger=None, progress: bool = True, micro_batch_size: int | None = None) -> dict:
     """GRPO-train the model in `model_dir` for cfg.steps steps on `items`, save an HF folder to `out_dir`.
@@ -645,11 +654,7 @@ def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     if not items:
         raise ValueError("rl: no items to train on")
     L.seed_everything(seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ref_model = None
-    if cfg.beta != 0.0:
-        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    policy = load_for_training(model_dir, lora=None, gradient_checkpointing=False)
+    tokenizer, policy, ref_model = load_rl_models(cfg, model_dir)
     extra = item_stream(len(items), seed + 1)
     module = GRPOModule(policy, tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model, seed=seed,
                         micro_batch_size=micro_batch_size, draw=lambda n: [items[next(extra)] for _ in range(n)])

@@ -23,18 +23,16 @@ import lightning as L
 import torch
 from branchmerge.models.lm.hf import save_model_folder
 from branchmerge.models.training.config import RLConfig
-from branchmerge.models.training.grpo import GRPOModule, item_stream, step_items
+from branchmerge.models.training.grpo import GRPOModule, item_stream, load_rl_models, step_items
 from branchmerge.models.training.toolkit import (
     check_finite_weights,
     guard_loss,
-    load_for_training,
     make_trainer,
     masked_lm_loss,
     pad_collate,
     quiet_warnings,
     tokenize_example,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class SASRSchedule:
@@ -91,11 +89,11 @@ class SASRModule(GRPOModule):
         opt.zero_grad()
         loss = masked_lm_loss(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False).logits, batch["labels"])
-        guard_loss(float(loss), self.trainer.global_step + 1)
+        guard_loss(float(loss.detach()), self.trainer.global_step + 1)
         self.manual_backward(loss)
         norm = grad_norm(self.model.parameters())
         opt.step()
-        return {"loss": float(loss), "grad_norm": norm}
+        return {"loss": float(loss.detach()), "grad_norm": norm}
 
     def training_step(self, items, batch_idx):
         warmup = batch_idx < self.cfg.sasr.warmup_steps
@@ -127,12 +125,8 @@ def train_sasr(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     if not items:
         raise ValueError("rl: no items to train on")
     L.seed_everything(seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer, policy, ref_model = load_rl_models(cfg, model_dir)
     rows = [tokenize_example(tokenizer, e["messages"], e["completion"], cfg.sasr.max_length) for e in sft_examples]
-    ref_model = None
-    if cfg.beta != 0.0:
-        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    policy = load_for_training(model_dir, lora=None, gradient_checkpointing=False)
     extra = item_stream(len(items), seed + 1)
     module = SASRModule(policy, tokenizer, reward_fn, build_messages, cfg, ref_model=ref_model, seed=seed,
                         draw=lambda n: [items[next(extra)] for _ in range(n)], sft_rows=rows)
