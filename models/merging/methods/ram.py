@@ -30,67 +30,54 @@ CHUNK = 1 << 20  # positions per pass: every step is elementwise (RAM+'s counts 
 # tensors allocated (page-faulted) afresh by each of the ten or so passes
 
 
-def _contributions(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float, start: int, stop: int):
-    """Positions [start, stop): (deltas [N, n], contributes [N, n], contributors [1, n]), mergekit's
-    _prepare_ram_vectors on that slice."""
-    deltas = torch.stack([t.reshape(-1)[start:stop] - base.reshape(-1)[start:stop] for t in tensors])
-    contributes = deltas.abs() > epsilon
-    return deltas, contributes, contributes.sum(dim=0, keepdim=True)
-
-
-def _merge_chunk(deltas, contributes, count, unique_scale) -> torch.Tensor:
-    """sum over models of (unique deltas x unique_scale) + (shared deltas / their contributors), mergekit's ops."""
-    # masks as 0/1 in the deltas' dtype: x * 1.0 and x * 0.0 are x * True and x * False bit for bit (signed zeros
-    # included), and float * float is vectorised where float * bool is not
-    kept = deltas * contributes.to(deltas.dtype)
-    unique = kept * (count == 1).to(deltas.dtype)
-    if unique_scale is not None:
-        unique = unique * unique_scale
-    return (unique + kept * (count > 1).to(deltas.dtype) / count.clamp(min=1)).sum(dim=0, keepdim=True)
-
-
-def _merged(base: torch.Tensor, parts, unique_scale) -> torch.Tensor:
-    """base + each chunk's merged deltas; `parts` yields (start, stop, deltas, contributes, count)."""
-    # RAM+'s lambda is float32: bf16 inputs give a float32 result, as in mergekit
-    dtype = base.dtype if unique_scale is None else torch.promote_types(base.dtype, unique_scale.dtype)
-    out = torch.empty(base.numel(), dtype=dtype)
-    flat = base.reshape(-1)
-    for start, stop, deltas, contributes, count in parts:
-        out[start:stop] = flat[start:stop] + _merge_chunk(deltas, contributes, count, unique_scale).reshape(-1)
-    return out.view(base.shape)
-
-
 def _chunks(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float):
-    n = base.numel()
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        yield (start, stop, *_contributions(base, tensors, epsilon, start, stop))
+    """Per chunk of positions [start, stop): (start, stop, shares [N, n], unique [1, n], contributes [N, n] as
+    uint8). shares = each model's delta where it contributes, divided by the number of contributors: mergekit's
+    masked terms summed per model (a position one model changes has 1 contributor, so its share is its whole
+    delta; the other models' terms are their deltas times 0, signed zeros included)."""
+    flat = base.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        stop = min(start + CHUNK, flat.numel())
+        deltas = torch.stack([t.reshape(-1)[start:stop] - flat[start:stop] for t in tensors])
+        # bool tensors viewed as uint8: their sums and casts are vectorised, bool's are not (measured 3-7x)
+        contributes = (deltas.abs() > epsilon).view(torch.uint8)
+        count = contributes.sum(dim=0, keepdim=True, dtype=torch.int32)  # chunk <= 2^31 positions
+        shares = deltas * contributes.to(deltas.dtype) / count.clamp(min=1)
+        yield start, stop, shares, count == 1, contributes
 
 
 def ram(base, tensors, models, p: RamParams, generator) -> torch.Tensor:
     """base + (unique deltas whole) + (shared deltas / their number of contributors)."""
-    return _merged(base, _chunks(base, tensors, p.epsilon), None)
+    out = torch.empty(base.numel(), dtype=base.dtype)
+    flat = base.reshape(-1)
+    for start, stop, shares, _, _ in _chunks(base, tensors, p.epsilon):
+        out[start:stop] = flat[start:stop] + shares.sum(dim=0)
+    return out.view(base.shape)
 
 
 def ramplus_tl(base, tensors, models, p: RamPlusParams, generator) -> torch.Tensor:
     """RAM with each model's unique deltas scaled by its lambda (module docstring). lambda needs counts over the
-    whole tensor: a first pass takes them and keeps each chunk's deltas and masks for the second (about the
-    inputs' size again, instead of computing them twice)."""
-    shared_n = torch.zeros(len(tensors), dtype=torch.long)
+    whole tensor: a first pass takes them and keeps each chunk's shares for the second (about the inputs' size
+    again, instead of computing them twice)."""
     unique_n = torch.zeros(len(tensors), dtype=torch.long)
+    contributes_n = torch.zeros(len(tensors), dtype=torch.long)
     parts = []
-    for start, stop, deltas, contributes, count in _chunks(base, tensors, p.epsilon):
-        shared_n += (contributes & (count > 1)).sum(dim=1)
-        unique_n += (contributes & (count == 1)).sum(dim=1)
-        parts.append((start, stop, deltas, contributes, count))
-    rho = shared_n / unique_n.clamp(min=p.epsilon)
-    lam = 1 + p.r * rho.clamp(min=0, max=p.alpha)
-
-    def consumed():  # each chunk freed once merged
-        while parts:
-            yield parts.pop(0)
-
-    return _merged(base, consumed(), lam.unsqueeze(-1))
+    for start, stop, shares, unique, contributes in _chunks(base, tensors, p.epsilon):
+        unique_n += (contributes & unique.view(torch.uint8)).sum(dim=1, dtype=torch.int32)
+        contributes_n += contributes.sum(dim=1, dtype=torch.int32)
+        parts.append((start, stop, shares, unique))
+    rho = (contributes_n - unique_n) / unique_n.clamp(min=p.epsilon)  # shared / unique positions, as mergekit
+    lam = (1 + p.r * rho.clamp(min=0, max=p.alpha)).unsqueeze(-1)  # float32: bf16 in, float32 out (mergekit)
+    out = torch.empty(base.numel(), dtype=torch.promote_types(base.dtype, lam.dtype))
+    flat = base.reshape(-1)
+    while parts:  # each chunk freed once merged
+        start, stop, shares, unique = parts.pop(0)
+        # mergekit sums unique x lambda + shared over models; at a unique position every term but one is a
+        # signed zero, so that sum is sum(shares x lambda) there and sum(shares) elsewhere, bit for bit
+        merged = torch.where(unique, (shares * lam).sum(dim=0, keepdim=True),
+                             shares.sum(dim=0, keepdim=True, dtype=lam.dtype))
+        out[start:stop] = flat[start:stop] + merged.reshape(-1)
+    return out.view(base.shape)
 
 
 # This family's methods; models/merging/registry.py lists every family.
