@@ -338,8 +338,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, epsil
     completion) per sequence (importance_sampling_level=sequence). grpo/bnpo/dr_grpo/dapo: -min(min(w, delta) A,
     clip(w, 1-eps, 1+eps_high) A); cispo: -clip(w, max=eps_high).detach() A logp; sapo: -sigmoid(tau (w-1)) 4/tau A.
     epsilon_high=None means eps_high = eps. num_items_in_batch: active tokens in the whole step (dapo / cispo;
-    None = this batch's). metrics: TRL's clip_ratio/low_mean, high_mean, region_mean (cispo: cispo_clip_ratio)
-    as means over tokens (over sequences at sequence level), and kl when beta != 0.
+    None = this batch's). metrics: TRL's clip_ratio/low_mean, high_mean, region_mean (cispo: cispo_clip_ratio;
+    sapo: none) as means over tokens (over sequences at sequence level), and kl when beta != 0.
     """
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(logps.dtype)
@@ -380,6 +380,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, *, epsil
 
         if loss_type == "cispo":
             metrics = {"cispo_clip_ratio": masked_mean((coef_1 > epsilon_high) & (adv > 0))}
+        elif loss_type == "sapo":  # a soft gate, nothing is clipped (TRL logs no clip ratio either)
+            metrics = {}
         else:
             low = (coef_1 < 1 - epsilon) & (adv < 0)
             high = (coef_1 > 1 + epsilon_high) & (adv > 0)
