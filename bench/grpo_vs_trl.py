@@ -72,13 +72,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.merge_vs_mergekit import DOMAINS, cache_root, peer_venv
+from bench.merge_vs_mergekit import DOMAINS, cache_root, ours, peer_venv
 from bench.sft_vs_trl import alternating, base_model, child_envs, dotlist, label, run_child
 
 TRL = "trl==1.16.0"
 TORCH = "torch==2.13.0"
 # Ours: the same model code and generation on both sides, and the reward's reasoning-gym.
-TRL_PINS = ("transformers==5.24.0", "accelerate==1.15.0", "reasoning-gym==0.1.25")
+TRL_PINS = ours("transformers", "accelerate", "reasoning-gym")
 # Bench flags, not --ours keys: both sides share them.
 SHARED = {"steps", "prompts_per_step", "num_generations", "max_new_tokens", "beta", "precision"}
 # conf/rl/grpo.yaml key -> GRPOConfig field: an --ours override of one makes the comparison no longer like for like.

@@ -94,6 +94,14 @@ def pip(venv: Path, *args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def ours(*packages: str) -> tuple[str, ...]:
+    """Pins of our own installed versions, for a peer venv that must run the same code (e.g. transformers' model
+    code): read at run time, so an upgrade here cannot leave a peer on the old version unnoticed."""
+    from importlib.metadata import version
+
+    return tuple(f"{p}=={version(p)}" for p in packages)
+
+
 def peer_venv(name: str, *requirements: str) -> Path:
     """A peer tool's own venv under the cache (its pins need not agree with ours), created on first use.
     `requirements` include TORCH, installed first: the CPU build on disk then satisfies the tool's torch

@@ -53,11 +53,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, peer_venv, sft_examples  # noqa: E402
+from bench.merge_vs_mergekit import DOMAINS, cache_root, measured, ours, peer_venv, sft_examples  # noqa: E402
 
 TRL = "trl==1.16.0"
 TORCH = "torch==2.13.0"
-TRL_PINS = ("transformers==5.23.0", "accelerate==1.15.0")  # ours: the same model code and autocast on both sides
+TRL_PINS = ours("transformers", "accelerate")  # the same model code and autocast on both sides
 # Bench flags, not --ours keys: both sides must share them.
 SHARED = {"max_steps", "batch_size", "max_length", "seed", "epochs"}
 # conf/sft/full.yaml keys TRL mirrors: an --ours override of one makes the comparison no longer like for like.
