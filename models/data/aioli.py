@@ -68,7 +68,7 @@ from pydantic import Field, model_validator
 
 from branchmerge.models.settings import Settings
 
-PHASES = ("prior", "learn_params", "train")
+PHASES = ("prior", "learn_params", "train")  # AioliSchedule.phase; keys of AioliSchedule.counts with "evals"
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -289,7 +289,7 @@ class AioliSchedule:
         self._block = 0  # index into _order
         self._drops = np.zeros((config.lp_rounds, k, k))
         self._previous: np.ndarray | None = None  # losses at the last eval of this round
-        self.phase = "prior"
+        self.phase = "prior"  # one of PHASES: the phase of the next step (read it before next_mixture())
         if config.prior_steps > 0:
             self._left = config.prior_steps
         else:
