@@ -1,8 +1,13 @@
 """Mix stage: reasoning-gym domains -> train / dev / held-out prompt pools, few-shot examples, clusters, weights.
 
 CLIMB-style: embed every training prompt (all-MiniLM-L6-v2), k-means, optionally merge close clusters, and
-report how clusters align with domains. Mixture weights are uniform or token-share priors for now.
+report how clusters align with domains and each cluster's size. The mixture over the clusters (data.mixture) is
+not this stage's business: its settings stay out of this key, so choosing or searching a mixture never redraws the
+prompts nor re-runs the teacher (models/data/mixing.cluster_weights, tasks/climb.py).
 """
+
+# data settings that only say how SFT data is drawn over the clusters: not read here
+MIXTURE_KEYS = {"mixture", "temperature", "custom_weights", "climb"}
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +26,8 @@ def needs(cfg: PipelineConfig, item: str) -> list[str]:
 
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
-    return make_job("mix", {"data": cfg.data.model_dump()}, {}, __name__, cfg.run.store, "mix" in cfg.run.refresh)
+    return make_job("mix", {"data": cfg.data.model_dump()}, {}, __name__, cfg.run.store, "mix" in cfg.run.refresh,
+                    key_config={"data": cfg.data.model_dump(exclude=MIXTURE_KEYS)})
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
@@ -53,15 +59,17 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     for item, label in zip(train, labels):
         item["cluster"] = int(label)
     alignment = mixing.cluster_alignment(labels, [it["domain"] for it in train])
-    sizes = {name: sum(len(it["question"]) for it in train if it["domain"] == name) for name in data.domains}
-    weights = mixing.mixture_weights(sizes, strategy=data.weights, temperature=data.temperature)
+    sizes: dict[str, int] = {}  # question characters per cluster: CLIMB's token share, in characters
+    for it in sorted(train, key=lambda it: it["cluster"]):
+        sizes[str(it["cluster"])] = sizes.get(str(it["cluster"]), 0) + len(it["question"])
 
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "dev.jsonl", dev)
     write_jsonl(out / "eval.jsonl", held_out)
     write_json(out / "shots.json", shots)
-    summary = {"train": len(train), "dev": len(dev), "eval": len(held_out), "weights": weights,
+    summary = {"train": len(train), "dev": len(dev), "eval": len(held_out), "cluster_sizes": sizes,
                "alignment": {k: alignment[k] for k in ("ari", "nmi", "purity")},
                "contingency": alignment.get("contingency")}
     write_json(out / "mix.json", summary)
-    return {k: summary[k] for k in ("train", "dev", "eval", "weights", "alignment")}
+    return {k: summary[k] for k in ("train", "dev", "eval", "cluster_sizes", "alignment")}
+

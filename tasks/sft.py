@@ -31,16 +31,29 @@ def settings(cfg: PipelineConfig, item: str) -> SFTConfig:
         "max_steps": cfg.sft.max_steps * len(cfg.data.domains) if cfg.sft.max_steps > 0 else cfg.sft.max_steps})
 
 
+def mixture_settings(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """How the data is drawn over the clusters (data.mixture), None for the data as it is (natural)."""
+    if cfg.data.mixture == "natural":
+        return None
+    return cfg.data.model_dump(include={"mixture", "temperature", "custom_weights"})
+
+
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
     reference = ["model/teacher"] if cfg.sft.loss == "poft" and cfg.sft.poft_reference == "teacher" else []
-    return ["model/student", "teacher", *reference]
+    mixture = {"natural": [], "climb": ["mix", "climb"]}.get(cfg.data.mixture, ["mix"])
+    return ["model/student", "teacher", *reference, *mixture]
 
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     upstream = {"base": refs["model/student"], "teacher": refs["teacher"]}
     if "model/teacher" in needs(cfg, item):
         upstream["teacher_model"] = refs["model/teacher"]
-    return make_job(f"sft/{item}", {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed},
+    for name in ("mix", "climb"):
+        if name in needs(cfg, item):
+            upstream[name] = refs[name]
+    mixture = mixture_settings(cfg)
+    return make_job(f"sft/{item}", {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed,
+                                    **({"mixture": mixture} if mixture else {})},
                     upstream,
                     __name__, cfg.run.store, "sft" in cfg.run.refresh,
                     hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}")
@@ -67,13 +80,39 @@ def pass_rates(teacher_dir: str, examples: list[dict[str, Any]]) -> list[float]:
     return [sum(scores[e["id"]]) / len(scores[e["id"]]) for e in examples]
 
 
+def weighted_draw(job: Job, seed: int):
+    """examples -> as many drawn by the mixture's weights over the clusters of their prompts (restricted to the
+    clusters present: a branch's own, or the other domains' for DMT's general data)."""
+    from branchmerge.models.data import mixing
+    from branchmerge.tasks.common import read_json
+
+    mix = Path(job.upstream["mix"].path)
+    m = job.config["mixture"]
+    if m["mixture"] == "climb":
+        weights = read_json(Path(job.upstream["climb"].path) / "weights.json")
+    else:
+        weights = mixing.cluster_weights(m["mixture"], read_json(mix / "mix.json")["cluster_sizes"],
+                                         temperature=m["temperature"], custom=m["custom_weights"])
+    cluster = {it["id"]: str(it["cluster"]) for it in read_jsonl(mix / "train.jsonl")}
+
+    def draw(rows: list[dict]) -> list[dict]:
+        groups = [cluster[r["id"]] for r in rows]
+        return mixing.draw_by_weights(rows, groups, mixing.restrict(weights, groups), len(rows), seed)
+
+    return draw
+
+
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     from branchmerge.models.training.recipes import recipe_stages, train_recipe
 
     cfg, branch, seed = SFTConfig.model_validate(job.config["sft"]), job.config["branch"], job.config["seed"]
     teacher_dir = job.upstream["teacher"].path
     examples = examples_for(teacher_dir, branch)
-    stages = recipe_stages(cfg, examples, general=general_examples(teacher_dir, branch) if cfg.recipe == "dmt" else [],
+    general = general_examples(teacher_dir, branch) if cfg.recipe == "dmt" else []
+    if "mixture" in job.config:  # the branch's clusters (the mixture's: all), DMT's general data: by the weights
+        draw = weighted_draw(job, seed)
+        examples, general = draw(examples), draw(general) if general else general
+    stages = recipe_stages(cfg, examples, general=general,
                            pass_rates=pass_rates(teacher_dir, examples) if cfg.recipe == "curriculum" else [],
                            seed=seed)
     reference = job.upstream["teacher_model" if cfg.poft_reference == "teacher" else "base"]

@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from branchmerge.models.cache import cached_json
 from branchmerge.models.settings import Settings
@@ -59,12 +59,52 @@ class EmbedConfig(Settings):
     """Merge clusters whose centroids are closer than this (0: no merging)."""
 
 
+class ClimbConfig(Settings):
+    """CLIMB's mixture search over the clusters (models/data/climb.py; tasks/climb.py runs it): `budget` proxy runs
+    split over `rounds` by `ratios` (4:2:1 in the paper), each a short SFT of the student on `proxy_examples`
+    teacher examples drawn by the candidate mixture, scored on the dev split."""
+
+    budget: int = Field(gt=0)
+    """Proxy runs in total, split over the rounds by `ratios` (every round needs at least one)."""
+    rounds: int = Field(gt=0)
+    """Search iterations: round 1 samples from the Dirichlet prior, later ones from the predictor's top set."""
+    ratios: list[float] = Field(min_length=1)
+    """Share of the budget per round, one per round (CLIMB: 4:2:1)."""
+    candidates: int = Field(gt=0)
+    """Mixtures the predictor scores per round to pick the next ones (CLIMB: 100k)."""
+    proxy_examples: int = Field(gt=0)
+    """Teacher examples each proxy run trains on, drawn by its mixture over the clusters."""
+    proxy_steps: int = Field(gt=0)
+    """Optimizer steps of each proxy run."""
+    proxy_batch_size: int = Field(gt=0)
+    """Examples per proxy optimizer step."""
+    proxy_lr: float = Field(gt=0)
+    """Learning rate of the proxy runs."""
+    proxy_finetune: Literal["lora", "full"]
+    """Proxy runs train LoRA adapters (sft.lora's settings) or the full model."""
+
+    @model_validator(mode="after")
+    def _budget_fills_every_round(self) -> "ClimbConfig":
+        if len(self.ratios) != self.rounds:
+            raise ValueError(f"data.climb.ratios has {len(self.ratios)} entries for data.climb.rounds={self.rounds}")
+        from branchmerge.models.data.climb import round_budgets
+
+        round_budgets(self.budget, tuple(self.ratios))  # raises naming the budget when a round would get no run
+        return self
+
+
+# Fewer dev prompts per domain than this and a proxy's dev loss cannot rank mixtures (CLIMB scores on held-apart
+# validation tasks; at our scale, the gold worked answers of the dev prompts).
+MIN_DEV_FOR_CLIMB = 8
+MIXTURES = ("natural", "uniform", "proportional", "custom", "climb")
+
+
 class DataConfig(Settings):
     """`domains` are the branches: name -> reasoning-gym tasks. Per domain, `train_size` prompts feed the teacher
     and RL, `dev_size` prompts are for anything that tunes (mixture and merge searches, checkpoint choice) and
     `eval_size` held-out prompts only ever feed the final report; the three are disjoint by question. `shots`
-    worked examples per task precede each question; `embed` clusters the training prompts; `weights` are the
-    mixture weights over domains."""
+    worked examples per task precede each question; `embed` clusters the training prompts; `mixture` says how
+    SFT data is drawn over those clusters."""
 
     domains: dict[str, DomainConfig] = Field(min_length=1)
     """The branches: domain name (ASCII letters, digits, '_'; not 'mixture') -> its reasoning-gym tasks."""
@@ -80,10 +120,33 @@ class DataConfig(Settings):
     """Worked examples per task, given as previous chat turns before each question."""
     embed: EmbedConfig
     """Clustering of the training prompts (sentence embeddings, then k-means)."""
-    weights: Literal["uniform", "proportional"]
-    """Mixture weights over domains: uniform, or proportional (share of question text ** temperature)."""
+    mixture: Literal["natural", "uniform", "proportional", "custom", "climb"]
+    """How SFT data is drawn over the clusters (the mixed-data baseline, each branch's own clusters, DMT's
+    general data): natural (the teacher's data as it is), uniform, proportional (each cluster's share of question
+    text ** temperature: CLIMB's prior), custom (`custom_weights`) or climb (searched: `climb`)."""
     temperature: float = Field(gt=0)
-    """Exponent on the domains' shares with weights=proportional (1: plain share; 0.5: CLIMB's prior)."""
+    """Exponent on the clusters' shares for the proportional prior and CLIMB's Dirichlet prior (CLIMB: 0.5)."""
+    custom_weights: dict[str, float] | None
+    """mixture=custom: cluster id -> weight (normalised to sum 1); ids are 0 .. embed.clusters - 1."""
+    climb: ClimbConfig
+    """CLIMB's search (mixture=climb)."""
+
+    @model_validator(mode="after")
+    def _mixture_is_runnable(self) -> "DataConfig":
+        if self.mixture == "custom":
+            if not self.custom_weights:
+                raise ValueError("data.mixture=custom needs data.custom_weights: {cluster id: weight}")
+            bad = sorted(k for k in self.custom_weights
+                         if not k.isdigit() or int(k) >= self.embed.clusters)
+            if bad:
+                raise ValueError(f"data.custom_weights: cluster(s) {', '.join(bad)} do not exist: the clusters are "
+                                 f"0 .. {self.embed.clusters - 1} (data.embed.clusters={self.embed.clusters})")
+            if any(w < 0 for w in self.custom_weights.values()) or sum(self.custom_weights.values()) <= 0:
+                raise ValueError(f"data.custom_weights={self.custom_weights}: weights must be >= 0 with a positive sum")
+        if self.mixture == "climb" and self.dev_size < MIN_DEV_FOR_CLIMB:
+            raise ValueError(f"data.dev_size={self.dev_size} is too small for data.mixture=climb: the proxy runs "
+                             f"are scored on the dev split, at least {MIN_DEV_FOR_CLIMB} prompts per domain")
+        return self
 
     @field_validator("domains")
     @classmethod

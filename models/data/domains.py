@@ -167,6 +167,13 @@ def worked_response(task: str, entry: dict) -> str:
     return f"{worked_reasoning(task, entry)}\n<answer>{entry['answer']}</answer>"
 
 
+def gold_example(item: dict, shots: list[dict]) -> dict:
+    """An SFT-shaped example of a prompt with its gold answer worked (worked_response): what the dev split is
+    scored on by loss (CLIMB's proxy runs, Aioli's per-group losses), since no teacher answered those prompts."""
+    return {"id": item["id"], "domain": item["domain"], "messages": build_messages(item, shots),
+            "completion": worked_response(item["task"], item["entry"])}
+
+
 def make_shots(tasks: list[dict], k: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
     """k worked examples per task, {"task", "question", "answer", "response", "entry"}, drawn with a seed
     stream disjoint from build_items' ("shots" vs "pool"); pass the pool's questions as `exclude`

@@ -220,3 +220,83 @@ def mixture_weights(
     w = np.where(share > 0, share ** temperature, 0.0)
     w = w / w.sum()
     return {n: float(x) for n, x in zip(names, w)}
+
+
+def largest_remainder(weights: Sequence[float], n: int) -> list[int]:
+    """Integer counts summing to n, proportional to weights (Hamilton's method: floors, then the largest
+    remainders get the leftover units; ties go to the earlier group)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if n < 0 or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"largest_remainder: need n >= 0 and non-negative weights with a positive sum, got n={n}, "
+                         f"weights={list(weights)}")
+    exact = w / w.sum() * n
+    counts = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(w)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def draw_by_weights(examples: Sequence[Any], groups: Sequence[str], weights: Mapping[str, float], n: int,
+                    seed: int) -> list[Any]:
+    """n examples whose group shares follow `weights` (over the groups present in `groups`, renormalised).
+
+    Each group's count is its weight's largest-remainder share of n; within a group the examples are taken in a
+    seeded random order, cycling through all of them before any repeats (so a group's count below its size
+    samples without replacement, and above it every example appears floor or ceil of count / size times). A
+    group with weight 0 contributes nothing; a weight for a group with no example is an error, since the
+    mixture would silently lose that mass. The result is shuffled (seeded)."""
+    if len(examples) != len(groups):
+        raise ValueError(f"draw_by_weights: {len(examples)} examples but {len(groups)} group labels")
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(str(g), []).append(i)
+    unknown = sorted(g for g, w in weights.items() if w > 0 and str(g) not in by_group)
+    if unknown:
+        raise ValueError(f"draw_by_weights: weights for group(s) {', '.join(unknown)} that have no example "
+                         f"(groups present: {', '.join(sorted(by_group))})")
+    names = [g for g in by_group if weights.get(g, 0.0) > 0]
+    if not names:
+        raise ValueError(f"draw_by_weights: every group present ({', '.join(sorted(by_group))}) has weight 0")
+    rng = np.random.default_rng(seed)
+    out: list[int] = []
+    for g, count in zip(names, largest_remainder([weights[g] for g in names], n)):
+        members = by_group[g]
+        while count > 0:
+            take = rng.permutation(len(members))[:count]
+            out += [members[int(j)] for j in take]
+            count -= len(take)
+    return [examples[i] for i in rng.permutation(out)]
+
+
+def cluster_weights(mixture: str, sizes: Mapping[str, float], *, temperature: float,
+                    custom: Mapping[str, float] | None = None) -> dict[str, float] | None:
+    """Weights over the clusters (ids as strings, the mix stage's `cluster_sizes`) for data.mixture: None for
+    natural (the data as it is) and climb (searched: tasks/climb.py); uniform; proportional (CLIMB's prior:
+    size share ** temperature); custom (`custom` normalised; a cluster missing from `sizes` is an error naming
+    data.custom_weights, e.g. one merged into another by data.embed.merge_threshold)."""
+    if mixture in ("natural", "climb"):
+        return None
+    if mixture in ("uniform", "proportional"):
+        return mixture_weights(sizes, strategy=mixture, temperature=temperature)
+    if mixture != "custom":
+        raise ValueError(f"data.mixture={mixture!r}: expected natural, uniform, proportional, custom or climb")
+    missing = sorted(set(custom or {}) - set(sizes), key=lambda c: (len(c), c))
+    if not custom or missing:
+        raise ValueError(f"data.custom_weights: cluster(s) {', '.join(missing) or '-'} do not exist; the clusters "
+                         f"are {', '.join(sizes)}")
+    total = sum(custom.values())
+    return {c: float(custom.get(c, 0.0)) / total for c in sizes}
+
+
+def restrict(weights: Mapping[str, float], groups: Sequence[str]) -> dict[str, float]:
+    """`weights` over the groups present in `groups`, renormalised (a branch's own clusters). If every present
+    group has weight 0 (a searched mixture that drops a whole domain), uniform over them, with a warning: the
+    branch must still train on its own data."""
+    present = sorted(set(map(str, groups)), key=lambda c: (len(c), c))
+    total = sum(weights.get(g, 0.0) for g in present)
+    if total <= 0:
+        log.warning("mixture: every cluster of this data (%s) has weight 0; drawing them uniformly",
+                    ", ".join(present))
+        return {g: 1.0 / len(present) for g in present}
+    return {g: weights.get(g, 0.0) / total for g in present}
