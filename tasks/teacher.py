@@ -1,5 +1,11 @@
-"""Teacher stage: sample n responses per training prompt, verify each with the task's own score_answer, keep
-the verified ones (rejection sampling) as the branches' SFT data, and report pass rates per domain."""
+"""Teacher stage: sample n responses per training prompt, verify each with the task's own score_answer, clean the
+verified ones with rule filters (models/data/cleaning.py) and keep the rest (rejection sampling) as the branches' SFT
+data; report pass rates and what each filter dropped per domain.
+
+The artifact: samples.jsonl (every sample, scored: {"id", "domain", "completion", "answer", "score", "finished",
+"num_tokens", "accepted" (teacher.keep accepts it), "dropped_by" (the teacher.clean filter that dropped it, else
+null)}), sft.jsonl (the kept responses with their prompts), pass_rates.json (pass_rates()) and sft.card.json (the
+dataset card: card())."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -43,42 +49,94 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     samples = backend.generate(conversations, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                max_new_tokens=cfg.max_new_tokens, seed=job.config["seed"], desc="teacher")
 
-    scored, kept = [], []
-    for item, messages, completions in zip(items, conversations, samples):
-        seen: set[str] = set()
+    scored, kept = select(items, conversations, samples, cfg)
+    stats = pass_rates(items, scored, kept, cfg.n, cfg.clean)
+    write_jsonl(out / "samples.jsonl", scored)
+    write_jsonl(out / "sft.jsonl", kept)
+    write_json(out / "pass_rates.json", stats)
+    write_json(out / "sft.card.json", card(stats, cfg, job.config["seed"]))
+    return stats
+
+
+def select(items: list[dict], conversations: list[list[dict]], samples: list[list[dict]],
+           cfg: TeacherConfig) -> tuple[list[dict], list[dict]]:
+    """(scored, kept): every sample scored by the task's verifier and marked `accepted` by cfg.keep; the accepted
+    ones run through the cfg.clean filters (`dropped_by`: the first that drops it); of the rest, up to
+    cfg.keep_per_prompt distinct responses per prompt, in sample order, become SFT rows with the prompt's messages.
+    samples: per item, its n completions {"text", "num_tokens", "finished"} (the backends' generate())."""
+    from branchmerge.models.data import cleaning, domains
+
+    scored = []
+    for item, completions in zip(items, samples, strict=True):
         for c in completions:
             answer = domains.extract_answer(c["text"])
             row = {"id": item["id"], "domain": item["domain"], "completion": c["text"], "answer": answer,
                    "score": domains.score(item, answer), "finished": c["finished"], "num_tokens": c["num_tokens"]}
+            row["accepted"] = {"verified": row["score"] == 1.0, "well_formed": c["finished"] and answer is not None,
+                               "all": True}[cfg.keep]
             scored.append(row)
-            accepted = {"verified": row["score"] == 1.0, "well_formed": c["finished"] and answer is not None,
-                        "all": True}[cfg.keep]
-            if accepted and c["text"] not in seen and len(seen) < cfg.keep_per_prompt:
-                seen.add(c["text"])
-                kept.append({"id": item["id"], "domain": item["domain"], "messages": messages,
-                             "completion": c["text"], "score": row["score"]})
 
-    stats = pass_rates(items, scored, kept, cfg.n)
-    write_jsonl(out / "samples.jsonl", scored)
-    write_jsonl(out / "sft.jsonl", kept)
-    write_json(out / "pass_rates.json", stats)
-    return stats
+    # the filters see each accepted row with its question (near_duplicate_prompt compares prompts)
+    questions = {it["id"]: it["question"] for it in items}
+    accepted = [row for row in scored if row["accepted"]]
+    reasons = cleaning.drop_reasons([row | {"question": questions[row["id"]]} for row in accepted], cfg.clean)
+    for row in scored:
+        row["dropped_by"] = None
+    for row, why in zip(accepted, reasons):
+        row["dropped_by"] = why
+
+    messages = {it["id"]: m for it, m in zip(items, conversations, strict=True)}
+    seen: dict[str, set[str]] = defaultdict(set)  # id -> texts kept
+    kept = []
+    for row in accepted:
+        texts = seen[row["id"]]
+        if row["dropped_by"] is None and row["completion"] not in texts and len(texts) < cfg.keep_per_prompt:
+            texts.add(row["completion"])
+            kept.append({"id": row["id"], "domain": row["domain"], "messages": messages[row["id"]],
+                         "completion": row["completion"], "score": row["score"]})
+    return scored, kept
 
 
-def pass_rates(items: list[dict], scored: list[dict], kept: list[dict], n: int) -> dict[str, Any]:
+def counts(scored: list[dict], kept: list[dict], clean: list[str]) -> dict[str, Any]:
+    """What became of the samples: {"samples", "accepted" (by teacher.keep), "dropped": {filter: accepted responses
+    it dropped, first filter wins} in teacher.clean's order, "capped" (passed every filter but past keep_per_prompt
+    distinct ones for its prompt), "kept" (rows of sft.jsonl)}; accepted = sum(dropped) + capped + kept."""
+    accepted = [row for row in scored if row["accepted"]]
+    dropped = {name: sum(row["dropped_by"] == name for row in accepted) for name in clean}
+    return {"samples": len(scored), "accepted": len(accepted), "dropped": dropped,
+            "capped": len(accepted) - sum(dropped.values()) - len(kept), "kept": len(kept)}
+
+
+def pass_rates(items: list[dict], scored: list[dict], kept: list[dict], n: int, clean: list[str]) -> dict[str, Any]:
     """Per domain: pass@n (a prompt with at least one verified sample), the mean sample accuracy, the share of
-    samples with an extracted answer, and how many responses were kept. Content only: the stage's wall time is
-    in the run summary and MLflow, never in the artifact (its digest must not depend on the machine)."""
+    samples with an extracted answer, and counts() (accepted, dropped per filter, kept); overall: counts() and the
+    filter list `clean`. Content only: the stage's wall time is in the run summary and MLflow, never in the artifact
+    (its digest must not depend on the machine)."""
     by_item: dict[str, list[float]] = defaultdict(list)
     for row in scored:
         by_item[row["id"]].append(row["score"])
-    per_domain: dict[str, dict[str, float]] = {}
+    per_domain: dict[str, dict[str, Any]] = {}
     for domain in sorted({it["domain"] for it in items}):
         ids = [it["id"] for it in items if it["domain"] == domain]
+        rows = [r for r in scored if r["domain"] == domain]
         per_domain[domain] = {
             f"pass@{n}": sum(max(by_item[i]) == 1.0 for i in ids) / len(ids),
             "sample_accuracy": sum(sum(by_item[i]) for i in ids) / (len(ids) * n),
-            "tagged": sum(r["answer"] is not None for r in scored if r["domain"] == domain) / (len(ids) * n),
-            "kept": sum(k["domain"] == domain for k in kept),
-        }
-    return {"domains": per_domain, "kept": len(kept)}
+            "tagged": sum(r["answer"] is not None for r in rows) / (len(ids) * n),
+        } | counts(rows, [k for k in kept if k["domain"] == domain], clean)
+    return {"domains": per_domain, "clean": clean} | counts(scored, kept, clean)
+
+
+def card(stats: dict[str, Any], cfg: TeacherConfig, seed: int) -> dict[str, Any]:
+    """sft.jsonl's dataset card (sft.card.json beside it): the counts overall and per domain (pass_rates()), the
+    filters in the order they ran with their rules and thresholds, and the settings that made the data
+    (TeacherConfig.key(): no server URL or key) with the seed."""
+    from branchmerge.models.data import cleaning
+
+    return {"data": "sft.jsonl",
+            "counts": {k: stats[k] for k in ("samples", "accepted", "dropped", "capped", "kept")},
+            "domains": stats["domains"],
+            "clean": cfg.clean,
+            "filters": {name: cleaning.rule(name) for name in cfg.clean},
+            "thresholds": cleaning.THRESHOLDS,
+            "settings": cfg.key() | {"seed": seed}}

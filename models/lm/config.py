@@ -13,6 +13,9 @@ from pydantic import Field, field_validator, model_validator
 from branchmerge.models.settings import Settings
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# models/data/cleaning.py's FILTERS, by name (tests/test_cleaning.py checks they match): named here, not imported, so
+# that editing a filter changes the teacher's code version only, not every stage that reads these settings
+CLEAN_FILTERS = ("truncated", "no_answer", "format", "repetition", "duplicate", "near_duplicate_prompt")
 SOURCE_FIELDS = {  # the fields each kind of model source needs
     "gguf_package": ("package", "file"),
     "gguf_parts": ("packages", "parts"),
@@ -145,9 +148,9 @@ class GenerationBackend(Settings):
 
 class TeacherConfig(GenerationBackend):
     """Rejection sampling: `n` samples per training prompt at `temperature` / `top_p` (nucleus), at most
-    `max_new_tokens` each, `batch_size` rows decoded at once; keep up to `keep_per_prompt` distinct responses per
-    prompt that pass `keep` (verified: the task's score_answer accepts it; well_formed: finished with an extracted
-    answer; all: every response)."""
+    `max_new_tokens` each, `batch_size` rows decoded at once; of the responses that pass `keep` (verified: the task's
+    score_answer accepts it; well_formed: finished with an extracted answer; all: every response), drop those the
+    `clean` filters catch (models/data/cleaning.py), then keep up to `keep_per_prompt` distinct ones per prompt."""
 
     model: ModelConfig
     """The teacher model; with backend=openai and openai.model set, the server's own model answers instead."""
@@ -162,9 +165,12 @@ class TeacherConfig(GenerationBackend):
     batch_size: int = Field(gt=0)
     """Rows decoded at once (hf backend)."""
     keep_per_prompt: int = Field(gt=0)
-    """Most distinct responses kept per prompt (after dedupe); at most n."""
+    """Most distinct responses kept per prompt (after dedupe and `clean`); at most n."""
     keep: Literal["verified", "well_formed", "all"]
     """Responses kept: verified (the task's score_answer accepts), well_formed (an extracted answer) or all."""
+    clean: list[str]
+    """Filters applied to the responses `keep` accepts, in order (models/data/cleaning.py: truncated, no_answer,
+    format, repetition, duplicate, near_duplicate_prompt); [] = none."""
 
     def uses_local_model(self) -> bool:
         """Whether the teacher generates from the model/teacher artifact (hf, vllm, or a server asked for that
@@ -176,6 +182,17 @@ class TeacherConfig(GenerationBackend):
         a server's own model answers, and backend_key()."""
         out = self.model_dump(exclude={"backend", "openai", "vllm"} | (set() if self.uses_local_model() else {"model"}))
         return out | self.backend_key()
+
+    @field_validator("clean")
+    @classmethod
+    def _known_filters(cls, clean: list[str]) -> list[str]:
+        for name in clean:
+            if name not in CLEAN_FILTERS:
+                raise ValueError(f"teacher.clean: unknown filter {name!r}; known filters: {list(CLEAN_FILTERS)}")
+        repeated = sorted({name for name in clean if clean.count(name) > 1})
+        if repeated:
+            raise ValueError(f"teacher.clean: filters {repeated} are listed more than once; name each once")
+        return clean
 
     @model_validator(mode="after")
     def _keep_at_most_n(self) -> "TeacherConfig":
