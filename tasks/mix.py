@@ -1,13 +1,10 @@
-"""Mix stage: reasoning-gym domains -> train / dev / held-out prompt pools, few-shot examples, clusters, weights.
+"""Mix stage: reasoning-gym domains -> train / dev / held-out prompt pools, few-shot examples, clusters.
 
 CLIMB-style: embed every training prompt (all-MiniLM-L6-v2), k-means, optionally merge close clusters, and
 report how clusters align with domains and each cluster's size. The mixture over the clusters (data.mixture) is
 not this stage's business: its settings stay out of this key, so choosing or searching a mixture never redraws the
 prompts nor re-runs the teacher (models/data/mixing.cluster_weights, tasks/climb.py).
 """
-
-# data settings that only say how SFT data is drawn over the clusters: not read here
-MIXTURE_KEYS = {"mixture", "temperature", "custom_weights", "climb"}
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +16,9 @@ from branchmerge.tasks.store import ArtifactRef
 
 if TYPE_CHECKING:
     from branchmerge.flows.schema import PipelineConfig
+
+# data settings that only say how SFT data is drawn over the clusters: not read here
+MIXTURE_KEYS = {"mixture", "temperature", "custom_weights", "climb"}
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:

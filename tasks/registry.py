@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
 from branchmerge.tasks import eval as eval_stage
-from branchmerge.tasks import merge, mix, model, report, rl, sft, teacher
+from branchmerge.tasks import climb, merge, mix, model, report, rl, sft, teacher
 from branchmerge.tasks.common import Job
 from branchmerge.tasks.store import ArtifactRef, Store
 
@@ -47,7 +47,8 @@ STAGES = (
     Stage("model", model, (), ("student", "teacher.model"), model.items, dvc_foreach=("student", "teacher")),
     Stage("mix", mix, (), ("data",), _one),
     Stage("teacher", teacher, ("mix", "model"), ("teacher", "run.seed"), _one),
-    Stage("sft", sft, ("model", "teacher"), ("sft", "run.seed"), sft.items),
+    Stage("climb", climb, ("mix", "model", "teacher"), ("data", "sft", "run.seed"), climb.items),
+    Stage("sft", sft, ("model", "teacher", "mix", "climb"), ("sft", "data", "run.seed"), sft.items),
     Stage("merge", merge, ("model", "sft"), ("merge", "run.seed"), _one),
     Stage("rl", rl, ("merge", "mix", "teacher"), ("rl", "run.seed"), rl.items),
     Stage("eval", eval_stage, ("model", "sft", "merge", "rl", "mix"), ("eval",), eval_stage.models),

@@ -62,6 +62,14 @@ def test_bad_config_names_key_and_allowed_values(override, fragments):
     (["run.name=../../../escaped"], ["run.name '../../../escaped'", "names a folder"]),
     (["sft.recipe=dmt", "~data.domains.arithmetic", "~data.domains.lcm"], ["sft.recipe='dmt'", "['gcd']"]),
     (["teacher.keep_per_prompt=5"], ["teacher.keep_per_prompt=5 > teacher.n=2"]),
+    # mixtures (issue 14): clusters that do not exist, a budget that cannot fill a round, a dev split too small
+    (["data.mixture=custom", "data.custom_weights={0: 1.0, 5: 1.0}"],
+     ["data.custom_weights: cluster(s) 5 do not exist", "0 .. 2", "data.embed.clusters=3"]),
+    (["data.mixture=custom"], ["data.mixture=custom needs data.custom_weights"]),
+    (["data.mixture=climb", "data.dev_size=8", "data.climb.budget=2"],
+     ["data.climb.budget=2 cannot fill 3 rounds", "[1, 1, 0]"]),
+    (["data.mixture=climb"], ["data.dev_size=2 is too small for data.mixture=climb", "at least 8"]),
+    (["data.mixture=climb", "data.dev_size=8", "data.climb.ratios=[1,1]"], ["data.climb.ratios has 2 entries"]),
 ])
 def test_every_check_before_compute(overrides, fragments):
     with pytest.raises(ConfigError) as err:

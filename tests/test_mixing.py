@@ -164,3 +164,57 @@ def test_mixture_errors():
         mixture_weights({"a": 0}, strategy="proportional", temperature=0.5)
     with pytest.raises(ValueError, match="empty"):
         mixture_weights({}, strategy="uniform", temperature=1.0)
+
+
+# ------------------------------------------------------------------------------- drawing SFT data by the weights
+def test_largest_remainder_hand_values():
+    from branchmerge.models.data.mixing import largest_remainder
+
+    assert largest_remainder([0.5, 0.3, 0.2], 7) == [4, 2, 1]  # 3.5, 2.1, 1.4: the .5 gets the leftover
+    assert largest_remainder([1, 1, 1], 10) == [4, 3, 3]  # ties: the earlier group
+    assert largest_remainder([0.0, 2.0], 5) == [0, 5]
+    with pytest.raises(ValueError, match="non-negative"):
+        largest_remainder([-1, 2], 3)
+
+
+def test_draw_by_weights_counts_and_cycling():
+    from branchmerge.models.data.mixing import draw_by_weights
+
+    examples = [f"a{i}" for i in range(2)] + [f"b{i}" for i in range(8)] + ["c0"]
+    groups = ["0"] * 2 + ["1"] * 8 + ["2"]
+    drawn = draw_by_weights(examples, groups, {"0": 0.5, "1": 0.5, "2": 0.0}, 10, seed=3)
+    counts = {g: sum(x.startswith(p) for x in drawn) for g, p in (("0", "a"), ("1", "b"), ("2", "c"))}
+    assert counts == {"0": 5, "1": 5, "2": 0}
+    # the small group is cycled: each of its 2 examples floor or ceil of 5 / 2 times; the large one sampled
+    # without replacement (5 of 8, no repeat)
+    assert sorted(drawn.count(x) for x in ("a0", "a1")) == [2, 3]
+    assert len({x for x in drawn if x.startswith("b")}) == 5
+    assert drawn == draw_by_weights(examples, groups, {"0": 0.5, "1": 0.5, "2": 0.0}, 10, seed=3)  # seeded
+
+
+def test_draw_by_weights_refuses_mass_on_a_group_without_examples():
+    from branchmerge.models.data.mixing import draw_by_weights
+
+    with pytest.raises(ValueError, match="group.s. 7 that have no example"):
+        draw_by_weights(["x", "y"], ["0", "1"], {"0": 0.5, "7": 0.5}, 4, seed=0)
+
+
+def test_restrict_renormalises_and_falls_back_to_uniform():
+    from branchmerge.models.data.mixing import restrict
+
+    assert restrict({"0": 0.2, "1": 0.6, "2": 0.2}, ["0", "2", "2"]) == {"0": 0.5, "2": 0.5}
+    assert restrict({"0": 1.0, "1": 0.0}, ["1"]) == {"1": 1.0}  # a branch whose clusters all got 0
+
+
+def test_cluster_weights_per_mixture():
+    from branchmerge.models.data.mixing import cluster_weights
+
+    sizes = {"0": 100, "1": 300}
+    assert cluster_weights("natural", sizes, temperature=0.5) is None
+    assert cluster_weights("climb", sizes, temperature=0.5) is None
+    assert cluster_weights("uniform", sizes, temperature=0.5) == {"0": 0.5, "1": 0.5}
+    w = cluster_weights("proportional", sizes, temperature=0.5)
+    assert w["0"] == pytest.approx(0.25 ** 0.5 / (0.25 ** 0.5 + 0.75 ** 0.5))
+    assert cluster_weights("custom", sizes, temperature=0.5, custom={"1": 3.0}) == {"0": 0.0, "1": 1.0}
+    with pytest.raises(ValueError, match=r"data.custom_weights: cluster\(s\) 5 do not exist"):
+        cluster_weights("custom", sizes, temperature=0.5, custom={"5": 1.0})

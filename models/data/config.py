@@ -87,9 +87,16 @@ class ClimbConfig(Settings):
     def _budget_fills_every_round(self) -> "ClimbConfig":
         if len(self.ratios) != self.rounds:
             raise ValueError(f"data.climb.ratios has {len(self.ratios)} entries for data.climb.rounds={self.rounds}")
-        from branchmerge.models.data.climb import round_budgets
-
-        round_budgets(self.budget, tuple(self.ratios))  # raises naming the budget when a round would get no run
+        if any(r <= 0 for r in self.ratios):
+            raise ValueError(f"data.climb.ratios={self.ratios}: every ratio must be > 0")
+        # climb.round_budgets' split (largest remainder), here so that this module imports nothing of the search
+        exact = [self.budget * r / sum(self.ratios) for r in self.ratios]
+        runs = [int(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: (runs[i] - exact[i], i))[: self.budget - sum(runs)]:
+            runs[i] += 1
+        if min(runs) < 1:
+            raise ValueError(f"data.climb.budget={self.budget} cannot fill {self.rounds} rounds with ratios "
+                             f"{self.ratios}: it splits into {runs} proxy runs, and every round needs one")
         return self
 
 
@@ -126,7 +133,7 @@ class DataConfig(Settings):
     text ** temperature: CLIMB's prior), custom (`custom_weights`) or climb (searched: `climb`)."""
     temperature: float = Field(gt=0)
     """Exponent on the clusters' shares for the proportional prior and CLIMB's Dirichlet prior (CLIMB: 0.5)."""
-    custom_weights: dict[str, float] | None
+    custom_weights: dict[int, float] | None
     """mixture=custom: cluster id -> weight (normalised to sum 1); ids are 0 .. embed.clusters - 1."""
     climb: ClimbConfig
     """CLIMB's search (mixture=climb)."""
@@ -136,10 +143,9 @@ class DataConfig(Settings):
         if self.mixture == "custom":
             if not self.custom_weights:
                 raise ValueError("data.mixture=custom needs data.custom_weights: {cluster id: weight}")
-            bad = sorted(k for k in self.custom_weights
-                         if not k.isdigit() or int(k) >= self.embed.clusters)
+            bad = sorted(k for k in self.custom_weights if not 0 <= k < self.embed.clusters)
             if bad:
-                raise ValueError(f"data.custom_weights: cluster(s) {', '.join(bad)} do not exist: the clusters are "
+                raise ValueError(f"data.custom_weights: cluster(s) {', '.join(map(str, bad))} do not exist: the clusters are "
                                  f"0 .. {self.embed.clusters - 1} (data.embed.clusters={self.embed.clusters})")
             if any(w < 0 for w in self.custom_weights.values()) or sum(self.custom_weights.values()) <= 0:
                 raise ValueError(f"data.custom_weights={self.custom_weights}: weights must be >= 0 with a positive sum")

@@ -281,7 +281,8 @@ def cluster_weights(mixture: str, sizes: Mapping[str, float], *, temperature: fl
         return mixture_weights(sizes, strategy=mixture, temperature=temperature)
     if mixture != "custom":
         raise ValueError(f"data.mixture={mixture!r}: expected natural, uniform, proportional, custom or climb")
-    missing = sorted(set(custom or {}) - set(sizes), key=lambda c: (len(c), c))
+    custom = {str(k): float(v) for k, v in (custom or {}).items()}  # JSON keys are strings
+    missing = sorted(set(custom) - set(sizes), key=lambda c: (len(c), c))
     if not custom or missing:
         raise ValueError(f"data.custom_weights: cluster(s) {', '.join(missing) or '-'} do not exist; the clusters "
                          f"are {', '.join(sizes)}")
