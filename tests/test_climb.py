@@ -97,7 +97,7 @@ def test_sampler_raises_when_the_bound_rejects_everything():
 @pytest.mark.parametrize("budget,expected", [(7, [4, 2, 1]), (14, [8, 4, 2]), (112, [64, 32, 16]), (4, [2, 1, 1]),
                                              (10, [6, 3, 1])])
 def test_round_budgets(budget, expected):
-    assert climb.round_budgets(budget) == expected
+    assert climb.round_budgets(budget, (4, 2, 1)) == expected
 
 
 def test_round_budgets_sum_and_too_small():
@@ -106,7 +106,7 @@ def test_round_budgets_sum_and_too_small():
         assert sum(split) == budget and min(split) >= 1
         assert all(abs(n - budget * r / 7) < 1 for n, r in zip(split, (4, 2, 1)))
     with pytest.raises(ValueError, match=r"budget=3 .*\(4, 2, 1\)"):
-        climb.round_budgets(3)
+        climb.round_budgets(3, (4, 2, 1))
     with pytest.raises(ValueError, match="ratios"):
         climb.round_budgets(10, (1, 0))
 
@@ -213,7 +213,8 @@ def test_search_finds_an_interior_optimum():
     assert np.linalg.norm(prior - W_STAR) > 0.2
     chosen_d, random_d = [], []
     for seed in range(5):
-        res = climb.search(_distance_objective, SIZES5, budget=56, seed=seed, n_candidates=20_000)
+        res = climb.search(_distance_objective, SIZES5, budget=56, seed=seed, n_candidates=20_000, rounds=3,
+                           ratios=None, temperature=0.5)
         assert res.budgets == [32, 16, 8] and len(res.runs) == 56
         chosen = np.array([res.chosen[c] for c in SIZES5])
         chosen_d.append(np.linalg.norm(chosen - W_STAR))
@@ -242,7 +243,7 @@ def test_search_resumes_from_a_cache_after_a_kill():
             return cache[key]
         return objective
 
-    kw = {"budget": 28, "seed": 11, "n_candidates": 5000}
+    kw = {"budget": 28, "seed": 11, "n_candidates": 5000, "rounds": 3, "ratios": None, "temperature": 0.5}
     with pytest.raises(_Killed):
         climb.search(cached(kill_after=20), SIZES5, **kw)  # dies in round 2 (16 + 8 + 4)
     assert len(calls) == 20
@@ -255,7 +256,8 @@ def test_search_resumes_from_a_cache_after_a_kill():
 
 
 def test_search_report_and_plot(tmp_path):
-    res = climb.search(_distance_objective, SIZES5, budget=14, seed=0, n_candidates=2000)
+    res = climb.search(_distance_objective, SIZES5, budget=14, seed=0, n_candidates=2000, rounds=3, ratios=None,
+                       temperature=0.5)
     report = json.loads(res.to_json())
     assert [r["budget"] for r in report["rounds"]] == [8, 4, 2]
     assert [len(r) for r in res.scores_by_round()] == [8, 4, 2]
@@ -282,20 +284,23 @@ def test_spearman_matches_scipy():
 def test_validation_errors_name_the_argument():
     prior, _ = _prior_and_shares()
     with pytest.raises(ValueError, match=r"sizes\['b'\] = -1"):
-        climb.search(_distance_objective, {"a": 1.0, "b": -1.0}, budget=7)
+        climb.search(_distance_objective, {"a": 1.0, "b": -1.0}, budget=7, rounds=3, ratios=None, seed=0,
+                     temperature=0.5)
     with pytest.raises(ValueError, match="sizes must be a non-empty"):
-        climb.prior_shares({})
+        climb.prior_shares({}, 0.5)
     with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         climb.sample_mixtures(prior, 0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="shares has 2 entries"):
         climb.sample_mixtures(prior, 3, np.random.default_rng(0), shares=[0.5, 0.5])
     with pytest.raises(ValueError, match="ratios .* rounds=2"):
-        climb.search(_distance_objective, SIZES5, budget=7, rounds=2, ratios=(4, 2, 1))
+        climb.search(_distance_objective, SIZES5, budget=7, rounds=2, ratios=(4, 2, 1), seed=0, temperature=0.5)
     with pytest.raises(ValueError, match="seed must be"):
-        climb.search(_distance_objective, SIZES5, budget=7, seed=-1)
+        climb.search(_distance_objective, SIZES5, budget=7, seed=-1, rounds=3, ratios=None, temperature=0.5)
     with pytest.raises(ValueError, match="objective returned nan"):
-        climb.search(lambda m: float("nan"), SIZES5, budget=7, n_candidates=500)
-    res = climb.search(_distance_objective, SIZES5, budget=7, seed=0, n_candidates=500)
+        climb.search(lambda m: float("nan"), SIZES5, budget=7, n_candidates=500, rounds=3, ratios=None, seed=0,
+                     temperature=0.5)
+    res = climb.search(_distance_objective, SIZES5, budget=7, seed=0, n_candidates=500, rounds=3, ratios=None,
+                       temperature=0.5)
     with pytest.raises(ValueError, match=r"clusters \['zz'\] that are not among"):
         res.predict({"a": 0.5, "zz": 0.5})
     with pytest.raises(ValueError, match="sum to 1"):

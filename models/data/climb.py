@@ -120,7 +120,7 @@ FALLBACK_TREES = 100
 
 
 # ------------------------------------------------------------------------------------------------------ prior
-def prior_shares(sizes: Mapping[str, float], temperature: float = TEMPERATURE) -> dict[str, float]:
+def prior_shares(sizes: Mapping[str, float], temperature: float) -> dict[str, float]:
     """CLIMB's prior over clusters: (size_i / total) ** temperature, renormalised; input key order kept.
 
     ``sizes`` are token counts (any non-negative measure works: only ratios matter). temperature 1 gives the
@@ -219,7 +219,7 @@ def sample_mixtures(
 
 
 # ---------------------------------------------------------------------------------------------------- budgets
-def round_budgets(budget: int, ratios: Sequence[float] = ROUND_RATIOS) -> list[int]:
+def round_budgets(budget: int, ratios: Sequence[float]) -> list[int]:
     """Split ``budget`` objective calls over rounds in proportion to ``ratios`` (largest remainder).
 
     7 -> [4, 2, 1], 14 -> [8, 4, 2], 112 -> [64, 32, 16] with the default 4:2:1. Every round needs >= 1 call.
@@ -444,10 +444,10 @@ def search(
     sizes: Mapping[str, float],
     *,
     budget: int,
-    rounds: int = len(ROUND_RATIOS),
-    ratios: Sequence[float] | None = None,
-    seed: int = 0,
-    temperature: float = TEMPERATURE,
+    rounds: int,
+    ratios: Sequence[float] | None,
+    seed: int,
+    temperature: float,
     max_ratio: float = MAX_RATIO,
     min_weight: float = MIN_WEIGHT,
     n_candidates: int = N_CANDIDATES,
