@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from branchmerge.models.training.config import SFTConfig
-from branchmerge.tasks.common import Job, make_job, read_jsonl
+from branchmerge.tasks.common import Job, make_job, read_json, read_jsonl
 from branchmerge.tasks.store import ArtifactRef, Store
 
 if TYPE_CHECKING:
@@ -38,9 +38,16 @@ def mixture_settings(cfg: PipelineConfig) -> dict[str, Any] | None:
     return cfg.data.model_dump(include={"mixture", "temperature", "custom_weights"})
 
 
+def aioli(cfg: PipelineConfig, item: str) -> bool:
+    """The mixed-data baseline with Aioli's online mixture over the domains (sft.mixing=aioli)."""
+    return item == MIXTURE and cfg.sft.mixing == "aioli"
+
+
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
     reference = ["model/teacher"] if cfg.sft.loss == "poft" and cfg.sft.poft_reference == "teacher" else []
     mixture = {"natural": [], "climb": ["mix", "climb"]}.get(cfg.data.mixture, ["mix"])
+    if aioli(cfg, item) and "mix" not in mixture:
+        mixture = ["mix"]  # the dev split it measures the per-domain losses on
     return ["model/student", "teacher", *reference, *mixture]
 
 
@@ -52,11 +59,13 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
         if name in needs(cfg, item):
             upstream[name] = refs[name]
     mixture = mixture_settings(cfg)
-    return make_job(f"sft/{item}", {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed,
-                                    **({"mixture": mixture} if mixture else {})},
-                    upstream,
-                    __name__, cfg.run.store, "sft" in cfg.run.refresh,
-                    hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}")
+    config = {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed,
+              **({"mixture": mixture} if mixture else {})}
+    # how the baseline mixes its domains is none of a branch's business: switching to aioli keeps the branches
+    key = config if item == MIXTURE else config | {"sft": {k: v for k, v in config["sft"].items()
+                                                           if k not in ("mixing", "aioli")}}
+    return make_job(f"sft/{item}", config, upstream, __name__, cfg.run.store, "sft" in cfg.run.refresh,
+                    hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}", key_config=key)
 
 
 def examples_for(teacher_dir: str, branch: str) -> list[dict[str, Any]]:
@@ -84,7 +93,6 @@ def weighted_draw(job: Job, seed: int):
     """examples -> as many drawn by the mixture's weights over the clusters of their prompts (restricted to the
     clusters present: a branch's own, or the other domains' for DMT's general data)."""
     from branchmerge.models.data import mixing
-    from branchmerge.tasks.common import read_json
 
     mix = Path(job.upstream["mix"].path)
     m = job.config["mixture"]
@@ -102,12 +110,35 @@ def weighted_draw(job: Job, seed: int):
     return draw
 
 
+def build_aioli(job: Job, cfg: SFTConfig, examples: list[dict], out: Path, seed: int, logger) -> dict[str, Any]:
+    """The mixed-data baseline over the domains with Aioli's online mixture (models/training/aioli_sft.py), its
+    per-domain losses measured on the dev split's gold worked answers."""
+    from branchmerge.models.data import domains
+    from branchmerge.models.training.aioli_sft import train_sft_aioli
+
+    if "mixture" in job.config:  # each domain's clusters by the weights first
+        examples = weighted_draw(job, seed)(examples)
+    mix = Path(job.upstream["mix"].path)
+    shots = read_json(mix / "shots.json")
+    groups: dict[str, list[dict]] = {}
+    for e in examples:
+        groups.setdefault(e["domain"], []).append(e)
+    dev: dict[str, list[dict]] = {}
+    for it in read_jsonl(mix / "dev.jsonl"):
+        if it["domain"] in groups:
+            dev.setdefault(it["domain"], []).append(domains.gold_example(it, shots[it["domain"]]))
+    metrics = train_sft_aioli(cfg, job.upstream["base"].path, groups, dev, out, seed=seed, logger=logger)
+    return {**metrics, "examples": len(examples), "stage_examples": [len(examples)]}
+
+
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     from branchmerge.models.training.recipes import recipe_stages, train_recipe
 
     cfg, branch, seed = SFTConfig.model_validate(job.config["sft"]), job.config["branch"], job.config["seed"]
     teacher_dir = job.upstream["teacher"].path
     examples = examples_for(teacher_dir, branch)
+    if branch == MIXTURE and cfg.mixing == "aioli":
+        return build_aioli(job, cfg, examples, out, seed, logger)
     general = general_examples(teacher_dir, branch) if cfg.recipe == "dmt" else []
     if "mixture" in job.config:  # the branch's clusters (the mixture's: all), DMT's general data: by the weights
         draw = weighted_draw(job, seed)

@@ -253,3 +253,46 @@ def test_history_plot_and_records(tmp_path):
     assert np.array(records[2]["drops"]).shape == (4, 3, 3)
     assert s.history[1].metrics()["aioli.p.c"] == s.history[1].proportions["c"]
     assert set(s.history[1].metrics()) == {f"aioli.{m}.{g}" for m in ("p", "A_colsum") for g in GROUPS}
+
+
+# ------------------------------------------------------------------------------- driven by the SFT loop (tiny model)
+def test_aioli_drives_the_mixture_baselines_sft(tiny_model_dir, tmp_path):
+    """sft.mixing=aioli on the tiny model: the step accounting is the schedule's formula, each round's p is
+    logged and written, and p moves only through the update (it starts uniform)."""
+    from branchmerge.flows.config import compose
+    from branchmerge.models.training.aioli_sft import train_sft_aioli
+
+    def example(q, a):
+        return {"messages": [{"role": "user", "content": f"What is {q}?"}], "completion": f"<answer>{a}</answer>"}
+
+    groups = {"add": [example(f"{i} + {i}", 2 * i) for i in range(12)],
+              "mul": [example(f"{i} x 3", 3 * i) for i in range(12)]}
+    dev = {"add": [example("7 + 7", 14), example("9 + 9", 18)], "mul": [example("5 x 3", 15)]}
+    cfg = compose(["experiment=tiny", "sft.mixing=aioli", "sft.epochs=6", "sft.batch_size=4",
+                   "sft.aioli.rounds=2", "sft.aioli.lp_rounds=1", "sft.aioli.lp_steps=2"]).sft
+    metrics = train_sft_aioli(cfg, tiny_model_dir, groups, dev, tmp_path / "out", seed=0, progress=False)
+    total = 6 * 24 // 4  # epochs x steps per epoch over the union (24 examples, batch 4) = 36, 2 rounds of 18
+    assert metrics["steps"] == total
+    lp = 2 * 1 * 2 * 2  # rounds x lp_rounds x domains x lp_steps
+    assert metrics["aioli"]["counts"] == {"prior": 0, "learn_params": lp, "train": total - lp,
+                                          "evals": 2 * (1 + 1 * 2)}  # a round: before LearnParams + after each block
+    written = json.loads((tmp_path / "out" / "aioli.json").read_text())
+    proportions = [r["proportions"] for r in written["rounds"]]
+    assert proportions == metrics["aioli"]["proportions"] and len(proportions) == 3  # the start and 2 updates
+    assert proportions[0] == {"add": 0.5, "mul": 0.5}
+    assert all(sum(p.values()) == pytest.approx(1.0) for p in proportions)
+    assert (tmp_path / "out" / "aioli.png").stat().st_size > 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_aioli_keeps_the_branches_and_checks_its_round_budget():
+    from branchmerge.flows.config import compose
+    from branchmerge.models.training.aioli_sft import aioli_config
+    from branchmerge.tasks.registry import dry_run
+
+    static, online = (dry_run(compose(["experiment=tiny", f"sft.mixing={m}"])) for m in ("static", "aioli"))
+    assert static["sft/gcd"][0].key == online["sft/gcd"][0].key  # the branches do not read sft.mixing
+    assert static["sft/mixture"][0].key != online["sft/mixture"][0].key
+    cfg = compose(["experiment=tiny", "sft.mixing=aioli", "sft.aioli.rounds=4"]).sft
+    with pytest.raises(ValueError, match=r"a round has 5 steps .* LearnParams take .* = 6"):
+        aioli_config(cfg, ["a", "b", "c"], 20, seed=0)

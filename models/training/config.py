@@ -32,6 +32,27 @@ class LoraConfig(Settings):
     """'all-linear' (every linear layer but the LM head), a list of name suffixes, or a full-name regex."""
 
 
+class AioliSettings(Settings):
+    """Aioli's online mixture over the domains for the mixed-data baseline (sft.mixing=aioli; models/data/aioli.py,
+    models/training/aioli_sft.py). The run's steps are split into `rounds` equal rounds; each starts with
+    LearnParams (`lp_rounds` sweeps over the domains, `lp_steps` steps per domain on a smoothed one-hot mixture,
+    `one_hot_factor` on that domain) measuring the dev split's per-domain losses, then trains the rest of the round
+    on p, updated by p <- p exp(eta sum_i A[i, :]) (or the EMA variant)."""
+
+    eta: float = Field(gt=0)
+    """Step size of the exponentiated update (paper: 0.1, 0.2 or 0.5)."""
+    lp_rounds: int = Field(ge=1)
+    """LearnParams sweeps over the domains per round (paper: 4-6; fewer fit a short SFT)."""
+    lp_steps: int = Field(ge=1)
+    """Steps per domain per sweep (paper: 4)."""
+    one_hot_factor: float = Field(gt=0, le=1)
+    """A LearnParams mixture's weight on its own domain, the rest spread over the others (paper: 0.625)."""
+    rounds: int = Field(ge=1)
+    """Mixture updates over the run: a round is total steps // rounds (LearnParams included)."""
+    ema: float | None = Field(ge=0, lt=1)
+    """None: multiplicative update of p; a factor in [0, 1): the reference's EMA of the A's."""
+
+
 class SFTConfig(Settings):
     """Branch SFT (models/training/sft.py; DMT and curriculum stages in models/training/recipes.py).
 
@@ -106,6 +127,10 @@ class SFTConfig(Settings):
     """curriculum: stage 2 trains on this fraction of examples the teacher solved least often."""
     mixture: bool
     """Also train the mixed-data baseline: one SFT on the union of the branches' data, same budget."""
+    mixing: Literal["static", "aioli"]
+    """The mixed-data baseline's mixture over the domains: static (the data as drawn) or aioli (online, `aioli`)."""
+    aioli: AioliSettings
+    """Aioli's settings (mixing=aioli)."""
 
     @field_validator("max_steps")
     @classmethod
