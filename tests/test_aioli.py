@@ -87,14 +87,14 @@ def test_update_proportions_multiplicative():
     p = np.array([0.5, 0.3, 0.2])
     A = np.array([[0.1, 0.2, 0.0], [0.05, 0.1, 0.15], [0.0, 0.1, 0.3]])  # column sums 0.15, 0.4, 0.45
     w = [0.5 * math.exp(0.5 * 0.15), 0.3 * math.exp(0.5 * 0.4), 0.2 * math.exp(0.5 * 0.45)]
-    new, A_ema = update_proportions(p, A, eta=0.5)
+    new, A_ema = update_proportions(p, A, eta=0.5, ema=None)
     np.testing.assert_allclose(new, [x / sum(w) for x in w], rtol=1e-14)
     assert A_ema is None
-    new, _ = update_proportions(np.array([0.0, 0.5, 0.5]), A, eta=0.5)  # a zero weight stays zero
+    new, _ = update_proportions(np.array([0.0, 0.5, 0.5]), A, eta=0.5, ema=None)  # a zero weight stays zero
     w = [math.exp(0.5 * 0.4), math.exp(0.5 * 0.45)]
     np.testing.assert_allclose(new, [0.0, w[0] / sum(w), w[1] / sum(w)], rtol=1e-14)
     with pytest.raises(ValueError, match="eta"):
-        update_proportions(p, A, eta=0.0)
+        update_proportions(p, A, eta=0.0, ema=None)
 
 
 def test_update_proportions_ema():

@@ -21,7 +21,9 @@ SETTINGS = dict(lr=3e-3, epochs=1, max_steps=-1, batch_size=2, grad_accum=1, max
                 lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
                 gradient_checkpointing=False, shared_prefix=False, checkpoint_every=0, loss="nll",
                 poft_reference="base",
-                poft_length_normalize=True, recipe="single", dmt_k=0.25, hard_fraction=0.3, mixture=False)
+                poft_length_normalize=True, recipe="single", dmt_k=0.25, hard_fraction=0.3, mixture=False,
+                mixing="static", aioli={"eta": 0.2, "lp_rounds": 1, "lp_steps": 2, "one_hot_factor": 0.625, "rounds": 3,
+                                        "ema": None})
 
 
 def sft_config(**changes) -> SFTConfig:

@@ -186,7 +186,7 @@ def estimate_A(drops: np.ndarray, one_hot_factor: float, *, normalize: bool, dia
     return normalize_A(A) if normalize else A
 
 
-def update_proportions(p: np.ndarray, A: np.ndarray, eta: float, ema: float | None = None,
+def update_proportions(p: np.ndarray, A: np.ndarray, eta: float, ema: float | None,
                        A_ema: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """One Aioli update; returns (new p, normalised to sum 1; the EMA matrix to pass next round, None without EMA).
 
