@@ -99,11 +99,13 @@ class PipelineConfig(Settings):
         if self.sft.recipe == "dmt" and len(domains) < 2:
             raise ValueError(f"sft.recipe='dmt' trains stage 2 on the other domains' data; data.domains has only "
                              f"{domains}: add a domain or use sft.recipe=single")
-        if self.sft.mixture and self.sft.mixing == "aioli":
+        if self.sft.mixing == "aioli" and (self.sft.mixture or self.sft.recipe == "dmt"):
             if len(domains) < 2:
                 raise ValueError(f"sft.mixing=aioli mixes domains; data.domains has only {domains}")
             if self.data.dev_size < 1:
                 raise ValueError("sft.mixing=aioli measures each domain's loss on the dev split: data.dev_size is 0")
+            if self.sft.loss != "nll":
+                raise ValueError(f"sft.mixing=aioli trains with the nll loss; sft.loss={self.sft.loss!r}")
         merge.check(self.merge, domains)
         self.teacher.check_backend("teacher")
         self.eval.check_backend("eval")

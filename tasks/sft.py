@@ -39,8 +39,9 @@ def mixture_settings(cfg: PipelineConfig) -> dict[str, Any] | None:
 
 
 def aioli(cfg: PipelineConfig, item: str) -> bool:
-    """The mixed-data baseline with Aioli's online mixture over the domains (sft.mixing=aioli)."""
-    return item == MIXTURE and cfg.sft.mixing == "aioli"
+    """Whether the item has a multi-domain stage trained with Aioli's online mixture (sft.mixing=aioli): the
+    mixed-data baseline, and DMT's stage 2 (models/training/recipes.online_mixing)."""
+    return cfg.sft.mixing == "aioli" and (item == MIXTURE or cfg.sft.recipe == "dmt")
 
 
 def needs(cfg: PipelineConfig, item: str) -> list[str]:
@@ -61,9 +62,9 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     mixture = mixture_settings(cfg)
     config = {"sft": settings(cfg, item).model_dump(), "branch": item, "seed": cfg.run.seed,
               **({"mixture": mixture} if mixture else {})}
-    # how the baseline mixes its domains is none of a branch's business: switching to aioli keeps the branches
-    key = config if item == MIXTURE else config | {"sft": {k: v for k, v in config["sft"].items()
-                                                           if k not in ("mixing", "aioli")}}
+    # sft.mixing / sft.aioli enter only the keys of what mixes domains online: switching keeps the other branches
+    key = config if aioli(cfg, item) else config | {
+        "sft": {k: v for k, v in config["sft"].items() if k not in ("mixing", "aioli")}}
     return make_job(f"sft/{item}", config, upstream, __name__, cfg.run.store, "sft" in cfg.run.refresh,
                     hint=f"sft.lr={cfg.sft.lr} (lower it), sft.precision={cfg.sft.precision}", key_config=key)
 
@@ -110,25 +111,16 @@ def weighted_draw(job: Job, seed: int):
     return draw
 
 
-def build_aioli(job: Job, cfg: SFTConfig, examples: list[dict], out: Path, seed: int, logger) -> dict[str, Any]:
-    """The mixed-data baseline over the domains with Aioli's online mixture (models/training/aioli_sft.py), its
-    per-domain losses measured on the dev split's gold worked answers."""
+def dev_examples(job: Job) -> dict[str, list[dict]]:
+    """The dev split's gold worked answers per domain: what Aioli measures each domain's loss on."""
     from branchmerge.models.data import domains
-    from branchmerge.models.training.aioli_sft import train_sft_aioli
 
-    if "mixture" in job.config:  # each domain's clusters by the weights first
-        examples = weighted_draw(job, seed)(examples)
     mix = Path(job.upstream["mix"].path)
     shots = read_json(mix / "shots.json")
-    groups: dict[str, list[dict]] = {}
-    for e in examples:
-        groups.setdefault(e["domain"], []).append(e)
     dev: dict[str, list[dict]] = {}
     for it in read_jsonl(mix / "dev.jsonl"):
-        if it["domain"] in groups:
-            dev.setdefault(it["domain"], []).append(domains.gold_example(it, shots[it["domain"]]))
-    metrics = train_sft_aioli(cfg, job.upstream["base"].path, groups, dev, out, seed=seed, logger=logger)
-    return {**metrics, "examples": len(examples), "stage_examples": [len(examples)]}
+        dev.setdefault(it["domain"], []).append(domains.gold_example(it, shots[it["domain"]]))
+    return dev
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
@@ -137,8 +129,6 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     cfg, branch, seed = SFTConfig.model_validate(job.config["sft"]), job.config["branch"], job.config["seed"]
     teacher_dir = job.upstream["teacher"].path
     examples = examples_for(teacher_dir, branch)
-    if branch == MIXTURE and cfg.mixing == "aioli":
-        return build_aioli(job, cfg, examples, out, seed, logger)
     general = general_examples(teacher_dir, branch) if cfg.recipe == "dmt" else []
     if "mixture" in job.config:  # the branch's clusters (the mixture's: all), DMT's general data: by the weights
         draw = weighted_draw(job, seed)
@@ -149,6 +139,7 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     reference = job.upstream["teacher_model" if cfg.poft_reference == "teacher" else "base"]
     checkpoints = Store(job.store).scratch(job.stage, job.key)  # kept across crashes, deleted once sealed
     metrics = train_recipe(cfg, job.upstream["base"].path, stages, out, seed=seed, checkpoint_dir=checkpoints,
+                           dev=dev_examples(job) if cfg.mixing == "aioli" and "mix" in job.upstream else None,
                            reference_dir=reference.path if cfg.loss == "poft" else None, logger=logger)
     # "examples": the branch's teacher examples; each stage's metrics count what it trained on
     return {**metrics, "examples": len(examples), "stage_examples": [len(s) for s in stages]}

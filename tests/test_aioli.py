@@ -291,8 +291,33 @@ def test_aioli_keeps_the_branches_and_checks_its_round_budget():
     from branchmerge.tasks.registry import dry_run
 
     static, online = (dry_run(compose(["experiment=tiny", f"sft.mixing={m}"])) for m in ("static", "aioli"))
-    assert static["sft/gcd"][0].key == online["sft/gcd"][0].key  # the branches do not read sft.mixing
+    assert static["sft/gcd"][0].key == online["sft/gcd"][0].key  # a one-domain branch does not mix
     assert static["sft/mixture"][0].key != online["sft/mixture"][0].key
+    dmt = [dry_run(compose(["experiment=tiny", "sft.recipe=dmt", f"sft.mixing={m}"])) for m in ("static", "aioli")]
+    assert dmt[0]["sft/gcd"][0].key != dmt[1]["sft/gcd"][0].key  # DMT's stage 2 mixes the other domains
     cfg = compose(["experiment=tiny", "sft.mixing=aioli", "sft.aioli.rounds=4"]).sft
     with pytest.raises(ValueError, match=r"a round has 5 steps .* LearnParams take .* = 6"):
         aioli_config(cfg, ["a", "b", "c"], 20, seed=0)
+
+
+def test_dmt_stage_two_mixes_its_domains_online(tiny_model_dir, tmp_path):
+    """recipes.train_recipe with sft.mixing=aioli: the one-domain stage 1 trains as usual, DMT's stage 2 (the
+    other domains + the replay) with Aioli over its domains."""
+    from branchmerge.flows.config import compose
+    from branchmerge.models.training.recipes import dmt_stages, train_recipe
+
+    def example(domain, i):
+        return {"domain": domain, "messages": [{"role": "user", "content": f"{domain} {i}?"}],
+                "completion": f"<answer>{i}</answer>"}
+
+    own = [example("gcd", i) for i in range(8)]
+    general = [example("lcm", i) for i in range(8)] + [example("arithmetic", i) for i in range(8)]
+    dev = {d: [example(d, 100 + i) for i in range(2)] for d in ("gcd", "lcm", "arithmetic")}
+    cfg = compose(["experiment=tiny", "sft.recipe=dmt", "sft.mixing=aioli", "sft.epochs=4", "sft.batch_size=4",
+                   "sft.aioli.rounds=1", "sft.aioli.lp_rounds=1", "sft.aioli.lp_steps=1"]).sft
+    stages = dmt_stages(own, general, cfg.dmt_k, seed=0)
+    metrics = train_recipe(cfg, tiny_model_dir, stages, tmp_path / "out", seed=0, dev=dev, progress=False)
+    first, second = metrics["stages"]
+    assert "aioli" not in first and first["steps"] == 4 * 2  # 8 examples, batch 4, 4 epochs
+    assert set(second["aioli"]["proportions"][0]) == {"gcd", "lcm", "arithmetic"}  # replay + the general domains
+    assert second["aioli"]["counts"]["learn_params"] == 3  # 1 sweep x 3 domains x 1 step

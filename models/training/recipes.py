@@ -57,10 +57,17 @@ def recipe_stages(cfg: SFTConfig, specialised: list[dict], *, general: list[dict
     return [list(specialised)]
 
 
+def online_mixing(cfg: SFTConfig, examples: list[dict]) -> bool:
+    """Whether a stage trains with Aioli's online mixture: cfg.mixing=aioli and its data spans two or more domains
+    (the mixed-data baseline, DMT's stage 2); a one-domain stage has nothing to mix."""
+    return cfg.mixing == "aioli" and len({e["domain"] for e in examples}) >= 2
+
+
 def train_recipe(cfg: SFTConfig, model_dir, stages: list[list[dict]], out_dir, *, seed: int, checkpoint_dir=None,
-                 **train_kwargs) -> dict:
-    """Run the stages in order (train_sft with cfg each); the last writes `out_dir`. Returns the last stage's
-    train_sft metrics plus "stages" (every stage's) and totals of steps and tokens.
+                 dev: dict[str, list[dict]] | None = None, **train_kwargs) -> dict:
+    """Run the stages in order (train_sft with cfg each; a multi-domain stage with cfg.mixing=aioli:
+    aioli_sft.train_sft_aioli over its domains, their losses measured on `dev`, domain -> gold examples); the last
+    writes `out_dir`. Returns the last stage's metrics plus "stages" (every stage's) and totals of steps and tokens.
 
     With a checkpoint_dir, each stage checkpoints under checkpoint_dir/stage-<i> and a finished intermediate
     stage keeps its model there: a rerun after a crash skips the finished stages and resumes the one in progress.
@@ -77,8 +84,17 @@ def train_recipe(cfg: SFTConfig, model_dir, stages: list[list[dict]], out_dir, *
             else:
                 if not final and target.exists():
                     shutil.rmtree(target)  # half-written by a killed run: the checkpoint has its progress
-                m = train_sft(cfg, current, examples, target, seed=seed,
-                              checkpoint_dir=stage_dir if checkpoint_dir else None, **train_kwargs)
+                if online_mixing(cfg, examples):
+                    from branchmerge.models.training.aioli_sft import train_sft_aioli
+
+                    groups: dict[str, list[dict]] = {}
+                    for e in examples:
+                        groups.setdefault(e["domain"], []).append(e)
+                    m = train_sft_aioli(cfg, current, groups, {d: dev[d] for d in groups}, target, seed=seed,
+                                        logger=train_kwargs.get("logger"))
+                else:
+                    m = train_sft(cfg, current, examples, target, seed=seed,
+                                  checkpoint_dir=stage_dir if checkpoint_dir else None, **train_kwargs)
                 metrics.append(m)
                 if not final:
                     (target / DONE).write_text(json.dumps(m))
