@@ -86,6 +86,16 @@ def uses_math_verify(item: dict, answer: str) -> bool:
             and NUMBER_ANSWER.fullmatch(answer) is not None)
 
 
+def _no_timeout_warning() -> None:
+    """math-verify warns once per process, at WARNING, when it runs without its signal-based timeout: here that
+    is deliberate off the main thread (math_equal's docstring), so the warning would only be noise in the run's
+    terminal. Its modules keep the "already shown" flag as a global."""
+    import math_verify.grader
+    import math_verify.parser
+
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+
+
 @lru_cache(maxsize=4096)
 def math_equal(gold: str, answer: str) -> bool:
     """math-verify: does `answer` have the value of `gold`? False on anything it cannot parse, and on any error
@@ -94,6 +104,8 @@ def math_equal(gold: str, answer: str) -> bool:
     if len(answer) > MATH_ANSWER_MAX_CHARS:
         return False
     timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:
+        _no_timeout_warning()
     try:
         # No fallback to raw string matches: a prediction math-verify cannot parse is simply not equal.
         pred = parse(answer, fallback_mode="no_fallback", parsing_timeout=timeout)
