@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -108,6 +109,14 @@ def chart(table: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
 
 
+def metric_name(stat: str, group: str, model: str) -> str:
+    """An MLflow metric name for a group's statistic: "mean.rl.steps-16/merge.method-ties.merged". MLflow allows
+    only letters, digits, _ - . space : /, so anything else a swept value holds (the brackets and commas of a list,
+    `rl.stages=[dpo,grpo]`) becomes "_"."""
+    name = f"{stat}.{group}.{model}".replace(", ", "/").replace("=", "-")
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
 def log_study(found: list[dict[str, Any]], out: dict[str, Any], sweep_dir: Path) -> str | None:
     """One MLflow run for the study in the jobs' experiment, naming the jobs' runs; None if the jobs were not
     tracked."""
@@ -120,7 +129,7 @@ def log_study(found: list[dict[str, Any]], out: dict[str, Any], sweep_dir: Path)
     tags = {"study": sweep_dir.name, "swept": ",".join(out["swept"]),
             "jobs": ",".join(j["summary"].get("mlflow_run_id") or "" for j in found)}
     tracker.start(f"study {sweep_dir.name}", {"swept": out["swept"], "grouped_by": out["grouped_by"]}, tags)
-    metrics = {f"{stat}.{row['group']}.{row['model']}".replace(", ", "/").replace("=", "-"): row["overall"][stat]
+    metrics = {metric_name(stat, row["group"], row["model"]): row["overall"][stat]
                for row in out["table"] for stat in ("mean", "std")}
     tracker.finish(metrics, [out["files"][k] for k in ("md", "png")])
     return tracker.parent_id

@@ -41,3 +41,14 @@ def test_groups_by_swept_values_and_averages_seeds(tmp_path):
 def test_cli_errors_on_a_folder_without_jobs(tmp_path, capsys):
     assert main([str(tmp_path), "--no-mlflow"]) == 2
     assert "no finished job" in capsys.readouterr().err
+
+
+def test_metric_names_are_ones_mlflow_accepts():
+    """A swept list (rl.stages=[dpo,grpo]) used to end the multirun with MLflow refusing the study's metrics."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from branchmerge.flows.compare import metric_name
+
+    name = metric_name("mean", "rl.stages=[dpo,grpo], merge.method=ties", "rl")
+    assert name == "mean.rl.stages-_dpo_grpo_/merge.method-ties.rl"
+    _validate_metric_name(name)  # raises on a name MLflow refuses
