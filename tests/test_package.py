@@ -41,5 +41,5 @@ def test_the_wheel_installs_one_namespace_with_conf_and_runs_from_anywhere(tmp_p
         assert str(site) not in probe.stdout  # not provided by this package
     helped = subprocess.run([sys.executable, "-m", "branchmerge.flows.run", "--help"], cwd=elsewhere, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0 and "experiment: smollm2_cpu, tiny" in helped.stdout, helped.stderr[-2000:]
+    assert helped.returncode == 0 and "experiment: climb_cpu, smollm2_cpu, tiny" in helped.stdout, helped.stderr[-2000:]
     assert not list(elsewhere.iterdir())
