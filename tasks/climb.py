@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from branchmerge.models.data.config import DataConfig
 from branchmerge.models.training.config import SFTConfig
 from branchmerge.tasks.common import Job, make_job, read_json, read_jsonl, write_json
 from branchmerge.tasks.store import ArtifactRef, Store
@@ -87,10 +86,7 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     # the search runs over the clusters that have teacher data (a cluster without any cannot be drawn), sized by
     # their prompts' question text as the mix stage measured it
     sizes = {c: s for c, s in read_json(mix / "mix.json")["cluster_sizes"].items() if c in set(groups)}
-    shots = read_json(mix / "shots.json")
-    dev: dict[str, list[dict]] = {}
-    for it in read_jsonl(mix / "dev.jsonl"):
-        dev.setdefault(it["domain"], []).append(domains.gold_example(it, shots[it["domain"]]))
+    dev = domains.dev_examples(read_jsonl(mix / "dev.jsonl"), read_json(mix / "shots.json"))
     if not dev:
         raise ValueError("data.mixture=climb needs a dev split: data.dev_size is 0")
 

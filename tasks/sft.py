@@ -116,11 +116,7 @@ def dev_examples(job: Job) -> dict[str, list[dict]]:
     from branchmerge.models.data import domains
 
     mix = Path(job.upstream["mix"].path)
-    shots = read_json(mix / "shots.json")
-    dev: dict[str, list[dict]] = {}
-    for it in read_jsonl(mix / "dev.jsonl"):
-        dev.setdefault(it["domain"], []).append(domains.gold_example(it, shots[it["domain"]]))
-    return dev
+    return domains.dev_examples(read_jsonl(mix / "dev.jsonl"), read_json(mix / "shots.json"))
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:

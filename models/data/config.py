@@ -145,7 +145,8 @@ class DataConfig(Settings):
                 raise ValueError("data.mixture=custom needs data.custom_weights: {cluster id: weight}")
             bad = sorted(k for k in self.custom_weights if not 0 <= k < self.embed.clusters)
             if bad:
-                raise ValueError(f"data.custom_weights: cluster(s) {', '.join(map(str, bad))} do not exist: the clusters are "
+                raise ValueError(f"data.custom_weights: cluster(s) {', '.join(map(str, bad))} do not exist: the "
+                                 "clusters are "
                                  f"0 .. {self.embed.clusters - 1} (data.embed.clusters={self.embed.clusters})")
             if any(w < 0 for w in self.custom_weights.values()) or sum(self.custom_weights.values()) <= 0:
                 raise ValueError(f"data.custom_weights={self.custom_weights}: weights must be >= 0 with a positive sum")

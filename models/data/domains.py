@@ -174,6 +174,14 @@ def gold_example(item: dict, shots: list[dict]) -> dict:
             "completion": worked_response(item["task"], item["entry"])}
 
 
+def dev_examples(dev_items: list[dict], shots: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The dev split as gold examples per domain (gold_example): what CLIMB's proxies and Aioli are scored on."""
+    out: dict[str, list[dict]] = {}
+    for it in dev_items:
+        out.setdefault(it["domain"], []).append(gold_example(it, shots[it["domain"]]))
+    return out
+
+
 def make_shots(tasks: list[dict], k: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
     """k worked examples per task, {"task", "question", "answer", "response", "entry"}, drawn with a seed
     stream disjoint from build_items' ("shots" vs "pool"); pass the pool's questions as `exclude`

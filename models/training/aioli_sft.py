@@ -90,9 +90,11 @@ def train_sft_aioli(cfg: SFTConfig, model_dir, groups: dict[str, list[dict]], de
                     *, seed: int, logger=None, progress: bool = True) -> dict:
     """Train the model in `model_dir` on `groups` (domain -> {"messages", "completion"} examples) with Aioli's
     mixture, the per-domain losses measured on `dev` (domain -> gold examples); save to `out_dir`. Returns
-    train_sft's metrics plus "aioli" (the proportions and A per round)."""
+    train_sft's metrics plus "aioli" (the proportions per round and the schedule's step counts; A per round is in
+    aioli.json)."""
     if set(dev) != set(groups):
-        raise ValueError(f"sft.mixing=aioli: dev domains {sorted(dev)} differ from the training domains {sorted(groups)}")
+        raise ValueError(f"sft.mixing=aioli: dev domains {sorted(dev)} differ from the training domains "
+                         f"{sorted(groups)}")
     L.seed_everything(seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pools = {}
