@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.context import TaskRunContext, get_run_context  # noqa: E402
 from prefect.states import Completed  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from branchmerge.flows.config import compose, resolve  # noqa: E402
 from branchmerge.flows.schema import PipelineConfig  # noqa: E402
@@ -55,9 +55,10 @@ def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | Non
 
 
 @task(cache_key_fn=artifact_cache_key, persist_result=True, cache_result_in_memory=False)
-def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_uri: str | None = None
+def run_stage(job: Job, stage: str, mlflow_run: Future | str | None = None, tracking_uri: str | None = None
               ) -> ArtifactRef:
-    """One artifact as one Prefect task run: the stage's build, through the store (tasks/common.execute)."""
+    """One artifact as one Prefect task run: the stage's build, through the store (tasks/common.execute).
+    `mlflow_run`: the stage's MLflow run id, or a Future of it (threads: created while the job starts)."""
     build = REGISTRY[stage].module.build
 
     def build_with_logger(job: Job, out: Path) -> dict[str, Any]:
@@ -65,7 +66,8 @@ def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_u
         if mlflow_run is not None and stage in ("sft", "rl"):  # lightning costs seconds to import: only to train
             from lightning.pytorch.loggers import MLFlowLogger
 
-            logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run.result())
+            run_id = mlflow_run.result() if isinstance(mlflow_run, Future) else mlflow_run
+            logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
         return build(job, out, logger=logger)
 
     ref = execute(job, build_with_logger)
@@ -77,7 +79,7 @@ def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_u
 class Stages:
     """Submits jobs to Prefect, tracks each in MLflow and remembers what happened for the summary."""
 
-    def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: ThreadPoolTaskRunner):
+    def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: TaskRunner):
         self.cfg, self.tracker, self.runner = cfg, tracker, runner
         self.records: dict[str, dict[str, Any]] = {}
         self.pending: dict[tuple[str, str], tuple[Any, Future | None, float]] = {}
@@ -90,9 +92,18 @@ class Stages:
         # one run in MLflow, not one per stage)
         reused = not job.refresh and Store(job.store).load(job.stage, job.key) is not None
         run_id = None if reused else self.tracker.stage_run(job.stage, job.config)
-        future = self.runner.submit(run_stage.with_options(task_run_name=job.stage),
-                                    {"job": job, "stage": stage.name, "mlflow_run": run_id,
-                                     "tracking_uri": self.cfg.tracking.tracking_uri})
+        params = {"job": job, "stage": stage.name, "mlflow_run": run_id, "tracking_uri": self.cfg.tracking.tracking_uri}
+        task = run_stage.with_options(task_run_name=job.stage)
+        if self.cfg.runner.kind == "ray":
+            from prefect_ray.context import remote_options
+
+            # a Ray task's arguments travel pickled: the MLflow run's id, not the Future that will hold it
+            params["mlflow_run"] = run_id.result() if run_id is not None else None
+            ray_cfg = self.cfg.runner.ray
+            with remote_options(**ray_cfg.for_stage(stage.name).model_dump(), max_retries=ray_cfg.max_retries):
+                future = self.runner.submit(task, params)
+        else:
+            future = self.runner.submit(task, params)
         self.pending[slot] = (future, run_id, time.perf_counter())
 
     def result(self, job: Job) -> ArtifactRef:
@@ -133,8 +144,12 @@ def rl_final_dtype(cfg: PipelineConfig) -> str:
     return cfg.rl.dpo.save_dtype if cfg.rl.stages[-1] == "dpo" else cfg.rl.save_dtype
 
 
-def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
+def task_runner_for(cfg: PipelineConfig) -> TaskRunner:
     """Built per run from the config (a deployment's overrides may change it), not fixed on the decorator."""
+    if cfg.runner.kind == "ray":
+        from branchmerge.flows.ray_runner import ray_task_runner
+
+        return ray_task_runner(cfg.runner.ray)
     if cfg.runner.kind == "threads" and cfg.runner.max_workers > 1:
         import transformers  # resolve its lazy imports once here: concurrent first imports in threads fail
 
@@ -215,7 +230,8 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
                "stages": stages.records, "results": results, "overall": overall, "intervals": intervals,
                "comparisons": report_ref.meta["comparisons"], "training_cost": cost,
                "teacher": refs["teacher"].meta.get("domains"), "report": report_ref.path,
-               "mlflow_run_id": tracker.parent_id, "config": cfg.model_dump()}
+               "mlflow_run_id": tracker.parent_id, "prefect_flow_run_id": str(get_run_context().flow_run.id),
+               "config": cfg.model_dump()}
     summary_path = run_dir / "summary.json"
     write_json(summary_path, summary)
 

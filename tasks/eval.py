@@ -38,10 +38,12 @@ def needs(cfg: PipelineConfig, item: str) -> list[str]:
 
 def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
     # The model's name is not in the key: the same weights evaluated under two names are evaluated once.
-    # Nor is where a server runs (EvalConfig.key).
-    return make_job(f"eval/{item}", {"eval": cfg.eval.model_dump(), "seed": cfg.run.seed},
+    # Nor is where a server runs (EvalConfig.key), nor run.seed when nothing is sampled (eval.n=0: greedy only),
+    # so the base model is evaluated once for every seed of a sweep.
+    seed = cfg.run.seed if cfg.eval.n else None
+    return make_job(f"eval/{item}", {"eval": cfg.eval.model_dump(), "seed": seed},
                     {"model": refs[model_artifact(cfg, item)], "mix": refs["mix"]}, __name__, cfg.run.store,
-                    "eval" in cfg.run.refresh, key_config={"eval": cfg.eval.key(), "seed": cfg.run.seed})
+                    "eval" in cfg.run.refresh, key_config={"eval": cfg.eval.key(), "seed": seed})
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:

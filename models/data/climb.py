@@ -452,6 +452,7 @@ def search(
     min_weight: float = MIN_WEIGHT,
     n_candidates: int = N_CANDIDATES,
     on_result: Callable[[Run], None] | None = None,
+    map_rounds: Callable[[Callable, list], list] | None = None,
 ) -> SearchResult:
     """CLIMB's iterative search for the mixture over ``sizes``' clusters that maximises ``objective``.
 
@@ -459,6 +460,8 @@ def search(
     finite score, **higher = better** (negate a loss). ``budget`` objective calls are split over ``rounds`` by
     ``ratios`` (default 2^(rounds-1) : ... : 2 : 1, i.e. CLIMB's 4:2:1). ``sizes`` are the clusters' token
     counts (pass a prior with temperature=1 to use it as is). ``on_result(run)`` is called after each call.
+    ``map_rounds(objective, mixtures)`` scores one round's mixtures (they are independent: e.g. as parallel Ray
+    tasks) and returns their scores in order; by default, one call after another.
     """
     if not callable(objective):
         raise TypeError(f"objective must be callable, got {objective!r}")
@@ -486,9 +489,11 @@ def search(
         else:
             model = fit_predictor(*_pairs(runs, names), seed=seed)
             mixtures, predicted = propose(model, p, n, rng, n_candidates=n_candidates, **sampler)
-        for w, pred in zip(mixtures, predicted):
-            mixture = {c: float(x) for c, x in zip(names, w)}
-            score = objective(dict(mixture))
+        round_mixtures = [{c: float(x) for c, x in zip(names, w)} for w in mixtures]
+        # one call after another is lazy, so each result is reported (on_result) as soon as it exists
+        scores = ((objective(dict(m)) for m in round_mixtures) if map_rounds is None
+                  else map_rounds(objective, [dict(m) for m in round_mixtures]))
+        for mixture, score, pred in zip(round_mixtures, scores, predicted, strict=True):
             if isinstance(score, bool) or not isinstance(score, (int, float, np.integer, np.floating)) \
                     or not math.isfinite(score):
                 raise ValueError(f"objective returned {score!r} for mixture {mixture}; it must be a finite number")

@@ -210,9 +210,11 @@ def progress_bar():
 
 
 def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool,
-                 root_dir: str, callbacks: list | None = None) -> L.Trainer:
+                 root_dir: str, strategy: str, devices: int, num_nodes: int, callbacks: list | None = None
+                 ) -> L.Trainer:
     """Lightning Trainer on the default accelerator: no model summary, metrics logged every step, no checkpoints
-    but those of `callbacks` (StepCheckpoint)."""
+    but those of `callbacks` (StepCheckpoint). strategy auto: one process; ddp / fsdp: this process is one rank
+    of devices x num_nodes that a launcher started (models/training/distributed.py), and Lightning joins them."""
     # Lightning logs "GPU available", "TPU available", a litlogger tip, the precision and why fit stopped at INFO,
     # each twice (its own handler and the root's): the stage's own log line says what ran
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -222,6 +224,7 @@ def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision:
         logger=logger if logger is not None else False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, use_distributed_sampler=False,
         default_root_dir=root_dir, callbacks=[*(callbacks or []), *([progress_bar()] if progress else [])],
+        **({} if strategy == "auto" else {"strategy": strategy, "devices": devices, "num_nodes": num_nodes}),
     )
 
 
@@ -288,11 +291,13 @@ class StepCheckpoint(Callback):
         step = trainer.global_step
         if step == self.saved or step % self.every or step >= self.total_steps:
             return  # (the last step's weights are saved as the model right after)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
         tmp = self.dirpath / f".{CHECKPOINT}.tmp"
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.dirpath / CHECKPOINT)
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
+        trainer.save_checkpoint(tmp)  # every rank calls it (a collective); rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.dirpath / CHECKPOINT)
         self.saved = step
 
 
