@@ -39,6 +39,9 @@ def ray_head():
     # short: Ray's unix socket paths under its temp dir must stay within 107 characters
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     port = free_port()
+    # a loopback test cluster: no token to share between the head, its workers and this driver
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
@@ -48,6 +51,10 @@ def ray_head():
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def run(store, *overrides):
