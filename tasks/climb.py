@@ -145,5 +145,9 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     write_json(out / "search.json", report)
     climb.plot_search(result, out / "search.png")
     best = result.best_observed
-    return {"weights": result.chosen, "predicted_score": result.chosen_predicted, "best_observed_score": best.score,
+    if result.chosen_from == "best_observed":
+        log.warning("climb: the predictor fitted on %d proxy runs is constant (LightGBM splits no fewer than 10 "
+                    "points): the chosen weights are the best proxy run's; raise data.climb.budget for a search",
+                    len(result.runs))
+    return {"weights": result.chosen, "chosen_from": result.chosen_from, "predicted_score": result.chosen_predicted, "best_observed_score": best.score,
             "prior": result.prior, "runs": len(result.runs), "fit": result.fit}

@@ -367,7 +367,9 @@ class SearchResult:
     """Everything a search did and chose; ``to_json()`` is the artifact.
 
     ``chosen`` is CLIMB's answer (the final predictor's best candidate, ``chosen_predicted`` its predicted
-    score); ``best_observed`` the best mixture actually scored. ``fit`` describes the final predictor.
+    score; ``chosen_from`` "predictor", or "best_observed" when the predictor came out constant and the best
+    scored mixture stands in, its score as the prediction); ``best_observed`` the best mixture actually scored.
+    ``fit`` describes the final predictor.
     """
 
     names: list[str]
@@ -377,6 +379,7 @@ class SearchResult:
     runs: list[Run]
     chosen: dict[str, float]
     chosen_predicted: float
+    chosen_from: str
     fit: dict[str, Any]
     settings: dict[str, Any]
     predictor: Any = field(default=None, repr=False, compare=False)  # the final LGBMRegressor; not serialised
@@ -420,7 +423,7 @@ class SearchResult:
             "settings": self.settings,
             "rounds": rounds,
             "predictor": self.fit,
-            "chosen": {"mixture": self.chosen, "predicted_score": self.chosen_predicted},
+            "chosen": {"mixture": self.chosen, "predicted_score": self.chosen_predicted, "from": self.chosen_from},
             "best_observed": {"round": best.round, "mixture": best.mixture, "score": best.score},
         }
 
@@ -506,7 +509,17 @@ def search(
     X, y = _pairs(runs, names)
     model = fit_predictor(X, y, seed=seed)
     cand = sample_mixtures(p, n_candidates, np.random.default_rng([seed, len(budgets) + 1]), **sampler)
-    chosen, chosen_predicted = best_candidate(model, cand, _predict(model, cand), min_weight=min_weight)
+    predicted = _predict(model, cand)
+    if np.ptp(predicted) > 0:
+        chosen, chosen_predicted = best_candidate(model, cand, predicted, min_weight=min_weight)
+        chosen_from = "predictor"
+    else:
+        # a constant predictor learnt nothing (LightGBM cannot split fewer than 2 x min_child_samples points):
+        # its "best candidate" would be the mean of all candidates, i.e. the prior. The best mixture actually
+        # scored is the search's answer then.
+        best = max(runs, key=lambda r: r.score)
+        chosen, chosen_predicted = np.array([best.mixture[c] for c in names]), best.score
+        chosen_from = "best_observed"
     return SearchResult(
         names=names,
         shares=shares,
@@ -515,6 +528,7 @@ def search(
         runs=runs,
         chosen={c: float(x) for c, x in zip(names, chosen)},
         chosen_predicted=chosen_predicted,
+        chosen_from=chosen_from,
         fit=fit_quality(model, X, y, seed),
         settings={
             "budget": budget, "rounds": rounds, "ratios": list(ratios), "seed": seed, "temperature": temperature,
