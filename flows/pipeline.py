@@ -7,6 +7,7 @@ models/; this file only wires them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -93,17 +94,16 @@ class Stages:
         reused = not job.refresh and Store(job.store).load(job.stage, job.key) is not None
         run_id = None if reused else self.tracker.stage_run(job.stage, job.config)
         params = {"job": job, "stage": stage.name, "mlflow_run": run_id, "tracking_uri": self.cfg.tracking.tracking_uri}
-        task = run_stage.with_options(task_run_name=job.stage)
+        placement = contextlib.nullcontext()
         if self.cfg.runner.kind == "ray":
             from prefect_ray.context import remote_options
 
             # a Ray task's arguments travel pickled: the MLflow run's id, not the Future that will hold it
             params["mlflow_run"] = run_id.result() if run_id is not None else None
             ray_cfg = self.cfg.runner.ray
-            with remote_options(**ray_cfg.for_stage(stage.name).model_dump(), max_retries=ray_cfg.max_retries):
-                future = self.runner.submit(task, params)
-        else:
-            future = self.runner.submit(task, params)
+            placement = remote_options(**ray_cfg.for_stage(stage.name).model_dump(), max_retries=ray_cfg.max_retries)
+        with placement:
+            future = self.runner.submit(run_stage.with_options(task_run_name=job.stage), params)
         self.pending[slot] = (future, run_id, time.perf_counter())
 
     def result(self, job: Job) -> ArtifactRef:

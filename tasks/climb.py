@@ -149,5 +149,5 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
         log.warning("climb: the predictor fitted on %d proxy runs is constant (LightGBM splits no fewer than 10 "
                     "points): the chosen weights are the best proxy run's; raise data.climb.budget for a search",
                     len(result.runs))
-    return {"weights": result.chosen, "chosen_from": result.chosen_from, "predicted_score": result.chosen_predicted, "best_observed_score": best.score,
-            "prior": result.prior, "runs": len(result.runs), "fit": result.fit}
+    return {"weights": result.chosen, "chosen_from": result.chosen_from, "predicted_score": result.chosen_predicted,
+            "best_observed_score": best.score, "prior": result.prior, "runs": len(result.runs), "fit": result.fit}

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,12 @@ from uuid import UUID
 import psutil
 import pytest
 
+from tests.test_ops import free_port
+
 pytestmark = pytest.mark.slow  # a Ray head and three tiny pipelines
 
 # SFT long enough (~2 s per branch) for the killer below to catch one in the middle
 OVERRIDES = ["experiment=tiny", "tracking.registered_model=null", "sft.max_steps=60", "sft.epochs=1000"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
