@@ -32,6 +32,7 @@ from branchmerge.flows.config import compose, resolve  # noqa: E402
 from branchmerge.flows.schema import PipelineConfig  # noqa: E402
 from branchmerge.flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
 from branchmerge.tasks.common import Job, execute, write_json  # noqa: E402
+from branchmerge.tasks import eval as eval_stage  # noqa: E402
 from branchmerge.tasks import rl as rl_stage  # noqa: E402
 from branchmerge.tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
 from branchmerge.tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
@@ -214,6 +215,18 @@ def training_cost(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> st
     return text
 
 
+def optimized_metric(cfg: PipelineConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any] | None:
+    """run.optimized_metric's value (what a sweeper's search maximises): the final model's greedy pass@1 on the
+    dev split, with its interval and prompt count; None when it is null."""
+    if cfg.run.optimized_metric is None:
+        return None
+    model = eval_stage.final_model(cfg)
+    metrics = refs[f"eval/dev/{model}"].meta
+    pass1 = metrics["overall"]["pass@1"]
+    return {"name": cfg.run.optimized_metric, "model": model, "value": pass1["value"], "ci": pass1["ci"],
+            "prompts": metrics["n"]}
+
+
 def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str, ArtifactRef],
            started: float) -> dict[str, Any]:
     from branchmerge.models.eval.report import results_table_plain, table_rows
@@ -225,9 +238,11 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     markdown = (Path(report_ref.path) / "results.md").read_text()
     run_dir = unique_run_dir(Path(cfg.run.store) / "runs", cfg.run.name)
     overall = {name: sum(scores.values()) / len(scores) for name, scores in results.items()}
+    objective = optimized_metric(cfg, refs)
     cost = training_cost(cfg, stages.records)
     summary = {"name": cfg.run.name, "seconds": round(time.perf_counter() - started, 3),
                "stages": stages.records, "results": results, "overall": overall, "intervals": intervals,
+               "objective": objective,
                "comparisons": report_ref.meta["comparisons"], "training_cost": cost,
                "teacher": refs["teacher"].meta.get("domains"), "report": report_ref.path,
                "mlflow_run_id": tracker.parent_id, "prefect_flow_run_id": str(get_run_context().flow_run.id),
@@ -253,7 +268,8 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     rows_with_intervals = [row | {f"{col}_ci_{end}": bounds[i] for col, bounds in intervals[row["model"]].items()
                                   for i, end in enumerate(("low", "high"))} for row in table_rows(results)]
     decision = tracker.finish(
-        {f"pass_at_1.{name}": v for name, v in overall.items()} | ci,
+        {f"pass_at_1.{name}": v for name, v in overall.items()} | ci
+        | ({objective["name"].replace("@", "_at_"): objective["value"]} if objective else {}),  # MLflow: no "@"
         [str(summary_path), str(Path(report_ref.path) / "results.md"), str(Path(report_ref.path) / "results.png")],
         tags={f"stage.{stage}": rec["status"] for stage, rec in stages.records.items()},
         tables={"results.json": rows_with_intervals}, model=model)
@@ -264,11 +280,15 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
                 ", ".join(f"{d} {n}" for d, n in prompts.items()), table)
     for c in report_ref.meta["comparisons"]:
         logger.info("%s - %s: %+.3f [%+.3f, %+.3f], p = %.3f", c["a"], c["b"], c["difference"], *c["ci"], c["p"])
+    if objective:
+        logger.info("%s (run.optimized_metric, %s, %d prompts): %.4f [%.4f, %.4f]", objective["name"],
+                    objective["model"], objective["prompts"], objective["value"], *objective["ci"])
     if cost:
         logger.info("training cost: %s", cost)
     if decision:
         logger.info("mlflow model %s", decision)
     logger.info("summary: %s", summary_path)
     return {"summary": str(summary_path), "overall": overall, "results": results, "table": table,
+            "objective": objective["value"] if objective else None,
             "report": report_ref.path, "final_model": final.path,
             "flow_run_id": str(get_run_context().flow_run.id)}

@@ -37,6 +37,10 @@ class RunConfig(Settings):
     """Seed of the teacher, sft, merge, rl and eval stages (in their cache keys); data.seed draws the data."""
     refresh: list[Literal[STAGE_NAMES]]  # type: ignore[valid-type]
     """Stages to recompute even when cached: any of model, mix, teacher, sft, merge, rl, eval, report."""
+    optimized_metric: Literal["dev/pass@1"] | None
+    """What the run returns to a Hydra sweeper that optimises (conf/hparams_search/): "dev/pass@1", the final
+    model's greedy pass@1 on the dev split (an extra eval item, eval/dev/<model>); null: nothing. Never the
+    held-out split: a search that read it would report an optimistic held-out score."""
 
     @field_validator("name")
     @classmethod
@@ -150,6 +154,9 @@ class PipelineConfig(Settings):
                 raise ValueError("sft.mixing=aioli measures each domain's loss on the dev split: data.dev_size is 0")
             if self.sft.loss != "nll":
                 raise ValueError(f"sft.mixing=aioli trains with the nll loss; sft.loss={self.sft.loss!r}")
+        if self.run.optimized_metric and self.data.dev_size < 1:
+            raise ValueError(f"run.optimized_metric={self.run.optimized_metric!r} scores the dev split: "
+                             "data.dev_size is 0")
         merge.check(self.merge, domains)
         self.teacher.check_backend("teacher")
         self.eval.check_backend("eval")

@@ -343,27 +343,36 @@ def group_losses(model, tokenizer, groups: dict[str, list[dict]], *, max_length:
                  ) -> dict[str, float]:
     """Each group's mean next-token loss over its examples' target tokens ({"messages", "completion"}, tokenized
     as SFT does), token-weighted within the group: what CLIMB's proxy runs and Aioli's mixing law read off the
-    dev split. The model is put in eval mode for the measurement and back as it was."""
+    dev split. The model is put in eval mode for the measurement and back as it was.
+
+    A batch holds one group's examples, so their common prefix (one task's system prompt and few-shot turns) is
+    read once (decoder_hidden), and only target positions reach the LM head, chunked: full [rows, T, vocab]
+    logits of 16 few-shot dev prompts were ~2 GB and most of a CLIMB proxy run's time."""
+    from branchmerge.kernels.linear_ce import chunked_linear_logprobs
+
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head = model.get_output_embeddings()
     out = {}
     try:
-        for name, examples in groups.items():
-            rows = [tokenize_example(tokenizer, e["messages"], e["completion"], max_length) for e in examples]
-            rows = sorted((r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])),
-                          key=lambda r: len(r["input_ids"]))  # similar lengths together: less padding
-            if not rows:
-                raise ValueError(f"group {name!r}: no example has a target token within max_length={max_length}")
-            total, count = 0.0, 0
-            for start in range(0, len(rows), batch_size):
-                batch = pad_collate(rows[start:start + batch_size], pad_id)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                total += float(masked_lm_loss(logits, batch["labels"])) * n
-                count += n
-            out[name] = total / count
+        with torch.inference_mode():
+            for name, examples in groups.items():
+                rows = [tokenize_example(tokenizer, e["messages"], e["completion"], max_length) for e in examples]
+                rows = sorted((r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])),
+                              key=lambda r: len(r["input_ids"]))  # similar lengths together: less padding
+                if not rows:
+                    raise ValueError(f"group {name!r}: no example has a target token within max_length={max_length}")
+                total, count = 0.0, 0
+                for start in range(0, len(rows), batch_size):
+                    batch = pad_collate(rows[start:start + batch_size], pad_id)
+                    hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"], shared_prefix=True)
+                    labels = batch["labels"][:, 1:]
+                    logps = chunked_linear_logprobs(hidden[:, :-1].to(head.weight.dtype), head.weight, labels,
+                                                    bias=head.bias)
+                    total -= float(logps.sum())
+                    count += int((labels != IGNORE_INDEX).sum())
+                out[name] = total / count
     finally:
         model.train(was_training)
     return out
