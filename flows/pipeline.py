@@ -109,7 +109,12 @@ class Stages:
 
     def result(self, job: Job) -> ArtifactRef:
         future, run_id, t0 = self.pending[(job.stage, job.key)]
-        ref: ArtifactRef = future.result()
+        try:
+            ref: ArtifactRef = future.result()
+        except Exception as err:
+            if type(err).__module__.startswith("ray."):  # a dead worker or node does not say which job it ran
+                raise RuntimeError(f"{job.stage} (key {job.key}): {type(err).__name__}: {err}") from err
+            raise
         if future.state.name == "Cached":
             ref = ref.model_copy(update={"status": "reused"})
         ref = ref.model_copy(update={"seconds": time.perf_counter() - t0 if ref.status == "reused" else ref.seconds})
