@@ -34,7 +34,7 @@ def jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         if summary.is_file():
             pairs = yaml.safe_load(overrides.read_text()) if overrides.is_file() else []
             found.append({"job": folder.name, "overrides": dict(o.lstrip("+~").split("=", 1) for o in pairs),
-                          "summary": json.loads(summary.read_text())})
+                          "summary": json.loads(summary.read_text()), "folder": folder})
     return found
 
 
@@ -49,7 +49,7 @@ def compare(sweep_dir: str | Path, log_to_mlflow: bool = True) -> dict[str, Any]
     grouping = [k for k in swept if k != SEED]
     groups: dict[str, list[dict]] = {}
     for j in found:
-        label = ", ".join(f"{k}={j['overrides'].get(k)}" for k in grouping) or "all jobs"
+        label = ", ".join(f"{k}={short(j['overrides'].get(k))}" for k in grouping) or "all jobs"
         groups.setdefault(label, []).append(j)
     table = []
     for label, members in groups.items():
@@ -64,15 +64,62 @@ def compare(sweep_dir: str | Path, log_to_mlflow: bool = True) -> dict[str, Any]
                 row[column] = {"mean": statistics.fmean(values),
                                "std": statistics.stdev(values) if len(values) > 1 else 0.0}
             table.append(row)
-    text = markdown(table)
+    best = best_trial(found)
+    # a search: its trials ranked by the objective, then the best; the per-model table follows in the file
+    text = (f"{trials_markdown(found, grouping)}\n{describe_best(best)}\n\n" if best else "") + markdown(table)
     out = {"sweep_dir": str(sweep_dir), "swept": swept, "grouped_by": grouping, "jobs": len(found), "table": table,
-           "markdown": text, "files": {name: str(sweep_dir / f"comparison.{name}") for name in ("md", "json", "png")}}
-    (sweep_dir / "comparison.md").write_text(f"Greedy pass@1, mean +- std over {len(found)} jobs (swept: "
-                                             f"{', '.join(swept) or 'nothing'}):\n\n{text}")
+           "best": best, "markdown": text,
+           "files": {name: str(sweep_dir / f"comparison.{name}") for name in ("md", "json", "png")}}
+    (sweep_dir / "comparison.md").write_text(f"Greedy pass@1 on the held-out split, mean +- std over {len(found)} "
+                                             f"jobs (swept: {', '.join(swept) or 'nothing'}):\n\n{text}")
     chart(table, sweep_dir / "comparison.png")
     out["mlflow_run_id"] = log_study(found, out, sweep_dir) if log_to_mlflow else None
     (sweep_dir / "comparison.json").write_text(json.dumps({k: v for k, v in out.items() if k != "markdown"}, indent=2))
     return out
+
+
+def best_trial(found: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The job with the highest run.optimized_metric (what an Optuna sweep maximised; the earliest on a tie): its
+    overrides, value with interval, and composed config file. None when no job returned one."""
+    scored = [j for j in found if j["summary"].get("objective")]
+    if not scored:
+        return None
+    job = max(scored, key=lambda j: j["summary"]["objective"]["value"])
+    objective = job["summary"]["objective"]
+    return {"job": job["job"], "overrides": job["overrides"], "metric": objective["name"], "model": objective["model"],
+            "value": objective["value"], "ci": objective["ci"], "prompts": objective["prompts"],
+            "trials": len(scored), "config": str(job["folder"] / ".hydra" / "config.yaml"),
+            "mlflow_run_id": job["summary"].get("mlflow_run_id")}
+
+
+def short(value: str | None) -> str | None:
+    """A swept float as 4 significant digits (an Optuna trial's 0.7167152904533249 reads 0.7167)."""
+    try:
+        return f"{float(value):.4g}" if value is not None and "." in value else value
+    except ValueError:
+        return value
+
+
+def trials_markdown(found: list[dict[str, Any]], swept: list[str]) -> str:
+    """One row per job with an objective, best first: its swept values, the objective, the final model's
+    held-out pass@1 (shown, never searched on)."""
+    scored = sorted((j for j in found if j["summary"].get("objective")),
+                    key=lambda j: -j["summary"]["objective"]["value"])
+    name, model = scored[0]["summary"]["objective"]["name"], scored[0]["summary"]["objective"]["model"]
+    lines = [f"| job | {' | '.join(swept)} | {name} ({model}) | held-out pass@1 ({model}) |",
+             "| ---: | " + " | ".join("---" for _ in swept) + " | ---: | ---: |"]
+    for j in scored:
+        objective = j["summary"]["objective"]
+        lines.append(f"| {j['job']} | " + " | ".join(str(short(j["overrides"].get(k))) for k in swept)
+                     + f" | {objective['value']:.3f} | {j['summary']['overall'][objective['model']]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def describe_best(best: dict[str, Any]) -> str:
+    overrides = " ".join(f"{k}={v}" for k, v in best["overrides"].items())
+    return (f"best of {best['trials']} trials (run.optimized_metric={best['metric']}, {best['model']} on "
+            f"{best['prompts']} dev prompts): job {best['job']}, {best['value']:.3f} [{best['ci'][0]:.3f}, "
+            f"{best['ci'][1]:.3f}]\n  overrides: {overrides}\n  config:    {best['config']}")
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
@@ -128,10 +175,17 @@ def log_study(found: list[dict[str, Any]], out: dict[str, Any], sweep_dir: Path)
     tracker = Tracker(True, tracking["tracking_uri"], tracking["experiment"])
     tags = {"study": sweep_dir.name, "swept": ",".join(out["swept"]),
             "jobs": ",".join(j["summary"].get("mlflow_run_id") or "" for j in found)}
-    tracker.start(f"study {sweep_dir.name}", {"swept": out["swept"], "grouped_by": out["grouped_by"]}, tags)
+    params = {"swept": out["swept"], "grouped_by": out["grouped_by"]}
     metrics = {metric_name(stat, row["group"], row["model"]): row["overall"][stat]
                for row in out["table"] for stat in ("mean", "std")}
-    tracker.finish(metrics, [out["files"][k] for k in ("md", "png")])
+    artifacts = [out["files"][k] for k in ("md", "png")]
+    if best := out["best"]:  # the search's answer: its settings as params, its score, its whole config
+        params["best"] = {"job": best["job"], **best["overrides"]}
+        tags["best.mlflow_run_id"] = best["mlflow_run_id"] or ""
+        metrics[metric_name("best", best["metric"].replace("@", "_at_"), best["model"])] = best["value"]
+        artifacts.append(best["config"])
+    tracker.start(f"study {sweep_dir.name}", params, tags)
+    tracker.finish(metrics, artifacts)
     return tracker.parent_id
 
 
@@ -144,7 +198,8 @@ class CompareCallback(Callback):
         except ValueError as err:
             print(f"comparison: {err}", file=sys.stderr)
             return
-        print(f"\n{out['markdown']}\ncomparison: {out['files']['md']} (+ .json, .png)")
+        text = out["markdown"].split("\n\n| group |")[0] if out["best"] else out["markdown"]  # a search: its trials
+        print(f"\n{text}\ncomparison: {out['files']['md']} (+ .json, .png)")
 
 
 def main(argv: list[str] | None = None) -> int:

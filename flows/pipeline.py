@@ -7,6 +7,7 @@ models/; this file only wires them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -25,12 +26,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.context import TaskRunContext, get_run_context  # noqa: E402
 from prefect.states import Completed  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from branchmerge.flows.config import compose, resolve  # noqa: E402
 from branchmerge.flows.schema import PipelineConfig  # noqa: E402
 from branchmerge.flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
 from branchmerge.tasks.common import Job, execute, write_json  # noqa: E402
+from branchmerge.tasks import eval as eval_stage  # noqa: E402
 from branchmerge.tasks import rl as rl_stage  # noqa: E402
 from branchmerge.tasks.registry import REGISTRY, STAGES, Stage  # noqa: E402
 from branchmerge.tasks.store import ArtifactRef, Store, stable_hash, unique_run_dir  # noqa: E402
@@ -55,9 +57,10 @@ def artifact_cache_key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str | Non
 
 
 @task(cache_key_fn=artifact_cache_key, persist_result=True, cache_result_in_memory=False)
-def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_uri: str | None = None
+def run_stage(job: Job, stage: str, mlflow_run: Future | str | None = None, tracking_uri: str | None = None
               ) -> ArtifactRef:
-    """One artifact as one Prefect task run: the stage's build, through the store (tasks/common.execute)."""
+    """One artifact as one Prefect task run: the stage's build, through the store (tasks/common.execute).
+    `mlflow_run`: the stage's MLflow run id, or a Future of it (threads: created while the job starts)."""
     build = REGISTRY[stage].module.build
 
     def build_with_logger(job: Job, out: Path) -> dict[str, Any]:
@@ -65,7 +68,8 @@ def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_u
         if mlflow_run is not None and stage in ("sft", "rl"):  # lightning costs seconds to import: only to train
             from lightning.pytorch.loggers import MLFlowLogger
 
-            logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=mlflow_run.result())
+            run_id = mlflow_run.result() if isinstance(mlflow_run, Future) else mlflow_run
+            logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
         return build(job, out, logger=logger)
 
     ref = execute(job, build_with_logger)
@@ -77,7 +81,7 @@ def run_stage(job: Job, stage: str, mlflow_run: Future | None = None, tracking_u
 class Stages:
     """Submits jobs to Prefect, tracks each in MLflow and remembers what happened for the summary."""
 
-    def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: ThreadPoolTaskRunner):
+    def __init__(self, cfg: PipelineConfig, tracker: Tracker, runner: TaskRunner):
         self.cfg, self.tracker, self.runner = cfg, tracker, runner
         self.records: dict[str, dict[str, Any]] = {}
         self.pending: dict[tuple[str, str], tuple[Any, Future | None, float]] = {}
@@ -90,14 +94,27 @@ class Stages:
         # one run in MLflow, not one per stage)
         reused = not job.refresh and Store(job.store).load(job.stage, job.key) is not None
         run_id = None if reused else self.tracker.stage_run(job.stage, job.config)
-        future = self.runner.submit(run_stage.with_options(task_run_name=job.stage),
-                                    {"job": job, "stage": stage.name, "mlflow_run": run_id,
-                                     "tracking_uri": self.cfg.tracking.tracking_uri})
+        params = {"job": job, "stage": stage.name, "mlflow_run": run_id, "tracking_uri": self.cfg.tracking.tracking_uri}
+        placement = contextlib.nullcontext()
+        if self.cfg.runner.kind == "ray":
+            from prefect_ray.context import remote_options
+
+            # a Ray task's arguments travel pickled: the MLflow run's id, not the Future that will hold it
+            params["mlflow_run"] = run_id.result() if run_id is not None else None
+            ray_cfg = self.cfg.runner.ray
+            placement = remote_options(**ray_cfg.for_stage(stage.name).model_dump(), max_retries=ray_cfg.max_retries)
+        with placement:
+            future = self.runner.submit(run_stage.with_options(task_run_name=job.stage), params)
         self.pending[slot] = (future, run_id, time.perf_counter())
 
     def result(self, job: Job) -> ArtifactRef:
         future, run_id, t0 = self.pending[(job.stage, job.key)]
-        ref: ArtifactRef = future.result()
+        try:
+            ref: ArtifactRef = future.result()
+        except Exception as err:
+            if type(err).__module__.startswith("ray."):  # a dead worker or node does not say which job it ran
+                raise RuntimeError(f"{job.stage} (key {job.key}): {type(err).__name__}: {err}") from err
+            raise
         if future.state.name == "Cached":
             ref = ref.model_copy(update={"status": "reused"})
         ref = ref.model_copy(update={"seconds": time.perf_counter() - t0 if ref.status == "reused" else ref.seconds})
@@ -133,8 +150,12 @@ def rl_final_dtype(cfg: PipelineConfig) -> str:
     return cfg.rl.dpo.save_dtype if cfg.rl.stages[-1] == "dpo" else cfg.rl.save_dtype
 
 
-def task_runner_for(cfg: PipelineConfig) -> ThreadPoolTaskRunner:
+def task_runner_for(cfg: PipelineConfig) -> TaskRunner:
     """Built per run from the config (a deployment's overrides may change it), not fixed on the decorator."""
+    if cfg.runner.kind == "ray":
+        from branchmerge.flows.ray_runner import ray_task_runner
+
+        return ray_task_runner(cfg.runner.ray)
     if cfg.runner.kind == "threads" and cfg.runner.max_workers > 1:
         import transformers  # resolve its lazy imports once here: concurrent first imports in threads fail
 
@@ -199,6 +220,18 @@ def training_cost(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> st
     return text
 
 
+def optimized_metric(cfg: PipelineConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any] | None:
+    """run.optimized_metric's value (what a sweeper's search maximises): the final model's greedy pass@1 on the
+    dev split, with its interval and prompt count; None when it is null."""
+    if cfg.run.optimized_metric is None:
+        return None
+    model = eval_stage.final_model(cfg)
+    metrics = refs[f"eval/dev/{model}"].meta
+    pass1 = metrics["overall"]["pass@1"]
+    return {"name": cfg.run.optimized_metric, "model": model, "value": pass1["value"], "ci": pass1["ci"],
+            "prompts": metrics["n"]}
+
+
 def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str, ArtifactRef],
            started: float) -> dict[str, Any]:
     from branchmerge.models.eval.report import results_table_plain, table_rows
@@ -210,12 +243,15 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     markdown = (Path(report_ref.path) / "results.md").read_text()
     run_dir = unique_run_dir(Path(cfg.run.store) / "runs", cfg.run.name)
     overall = {name: sum(scores.values()) / len(scores) for name, scores in results.items()}
+    objective = optimized_metric(cfg, refs)
     cost = training_cost(cfg, stages.records)
     summary = {"name": cfg.run.name, "seconds": round(time.perf_counter() - started, 3),
                "stages": stages.records, "results": results, "overall": overall, "intervals": intervals,
+               "objective": objective,
                "comparisons": report_ref.meta["comparisons"], "training_cost": cost,
                "teacher": refs["teacher"].meta.get("domains"), "report": report_ref.path,
-               "mlflow_run_id": tracker.parent_id, "config": cfg.model_dump()}
+               "mlflow_run_id": tracker.parent_id, "prefect_flow_run_id": str(get_run_context().flow_run.id),
+               "config": cfg.model_dump()}
     summary_path = run_dir / "summary.json"
     write_json(summary_path, summary)
 
@@ -237,7 +273,8 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
     rows_with_intervals = [row | {f"{col}_ci_{end}": bounds[i] for col, bounds in intervals[row["model"]].items()
                                   for i, end in enumerate(("low", "high"))} for row in table_rows(results)]
     decision = tracker.finish(
-        {f"pass_at_1.{name}": v for name, v in overall.items()} | ci,
+        {f"pass_at_1.{name}": v for name, v in overall.items()} | ci
+        | ({objective["name"].replace("@", "_at_"): objective["value"]} if objective else {}),  # MLflow: no "@"
         [str(summary_path), str(Path(report_ref.path) / "results.md"), str(Path(report_ref.path) / "results.png")],
         tags={f"stage.{stage}": rec["status"] for stage, rec in stages.records.items()},
         tables={"results.json": rows_with_intervals}, model=model)
@@ -248,11 +285,15 @@ def finish(cfg: PipelineConfig, stages: Stages, tracker: Tracker, refs: dict[str
                 ", ".join(f"{d} {n}" for d, n in prompts.items()), table)
     for c in report_ref.meta["comparisons"]:
         logger.info("%s - %s: %+.3f [%+.3f, %+.3f], p = %.3f", c["a"], c["b"], c["difference"], *c["ci"], c["p"])
+    if objective:
+        logger.info("%s (run.optimized_metric, %s, %d prompts): %.4f [%.4f, %.4f]", objective["name"],
+                    objective["model"], objective["prompts"], objective["value"], *objective["ci"])
     if cost:
         logger.info("training cost: %s", cost)
     if decision:
         logger.info("mlflow model %s", decision)
     logger.info("summary: %s", summary_path)
     return {"summary": str(summary_path), "overall": overall, "results": results, "table": table,
+            "objective": objective["value"] if objective else None,
             "report": report_ref.path, "final_model": final.path,
             "flow_run_id": str(get_run_context().flow_run.id)}

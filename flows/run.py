@@ -1,8 +1,9 @@
 """Hydra entry point: `python -m flows.run experiment=tiny merge.method=linear,ties -m`.
 
 Hydra composes conf/ (and sweeps it with -m: the sweep ends with one comparison over its jobs, flows/compare.py);
-the schema validates it before any compute; the Prefect flow runs it. Returns the RL (else merged) model's mean
-pass@1 so an Optuna sweeper can optimise it unchanged.
+the schema validates it before any compute; the Prefect flow runs it. Returns run.optimized_metric's value (the
+final model's dev-split pass@1), what a sweeper that optimises reads (conf/hparams_search/), or None when it is
+null: the held-out score is never returned, so no search can select on it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from branchmerge.flows.schema import ConfigError, validate
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     logging.captureWarnings(True)  # library warnings to the log file, not the terminal (flows/terminal.py)
@@ -50,8 +51,7 @@ def main(cfg: DictConfig) -> float:
     if ui := prefect_ui_url():
         lines.append(("prefect", f"{ui}/runs/flow-run/{result['flow_run_id']}"))
     print("\n" + "\n".join(f"{name + ':':<13}{value}" for name, value in lines))
-    overall = result["overall"]
-    return overall.get("rl", overall["merged"])
+    return result["objective"]
 
 
 def remove_job_dir(job_dir: Path) -> None:

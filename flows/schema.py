@@ -37,6 +37,10 @@ class RunConfig(Settings):
     """Seed of the teacher, sft, merge, rl and eval stages (in their cache keys); data.seed draws the data."""
     refresh: list[Literal[STAGE_NAMES]]  # type: ignore[valid-type]
     """Stages to recompute even when cached: any of model, mix, teacher, sft, merge, rl, eval, report."""
+    optimized_metric: Literal["dev/pass@1"] | None
+    """What the run returns to a Hydra sweeper that optimises (conf/hparams_search/): "dev/pass@1", the final
+    model's greedy pass@1 on the dev split (an extra eval item, eval/dev/<model>); null: nothing. Never the
+    held-out split: a search that read it would report an optimistic held-out score."""
 
     @field_validator("name")
     @classmethod
@@ -47,11 +51,55 @@ class RunConfig(Settings):
         return name
 
 
+class StageResources(Settings):
+    num_cpus: float = Field(ge=0)
+    """CPUs a job of this stage reserves on its Ray node (Ray schedules by reservations, not by measured use)."""
+    num_gpus: float = Field(ge=0)
+    """GPUs a job of this stage reserves; fractions share a GPU (e.g. 0.5: two evaluations on one card)."""
+
+
+class RayConfig(Settings):
+    address: str | None
+    """Ray cluster to run on: null starts a local Ray for the run (stopped after it); "auto" joins the cluster this
+    machine is part of; "host:6379" a head's GCS address; "ray://host:10001" a remote cluster through Ray Client."""
+    num_cpus: int | None = Field(gt=0)
+    """CPUs of the local Ray the run starts (null: every core); not read with an address."""
+    max_retries: int = Field(ge=0)
+    """Times Ray reruns a stage job whose worker died (SIGKILL, OOM, a lost node); the store discards the dead
+    attempt's unsealed folder and lock, so a retry starts clean. 0: the run fails naming the stage."""
+    resources: dict[str, StageResources]
+    """Per stage (model, mix, climb, teacher, sft, merge, rl, eval, report; `default` for the rest): what each of its
+    jobs reserves. Jobs that fit run at once: the branches' SFT, the evaluations."""
+
+    @field_validator("resources")
+    @classmethod
+    def _known_stages(cls, resources: dict[str, StageResources]) -> dict[str, StageResources]:
+        unknown = sorted(set(resources) - {*STAGE_NAMES, "default"})
+        if unknown:
+            raise ValueError(f"runner.ray.resources: {unknown} are not stages; use any of {list(STAGE_NAMES)} "
+                             "or default")
+        if "default" not in resources:
+            raise ValueError("runner.ray.resources needs a `default` entry (stages not listed reserve it)")
+        return resources
+
+    def for_stage(self, stage: str) -> StageResources:
+        return self.resources.get(stage, self.resources["default"])
+
+
 class RunnerConfig(Settings):
-    kind: Literal["threads", "sequential"]
-    """Prefect task runner: threads (a pool of max_workers threads) or sequential (one stage job at a time)."""
+    kind: Literal["threads", "sequential", "ray"]
+    """Prefect task runner: threads (a pool of max_workers threads), sequential (one stage job at a time) or ray
+    (prefect-ray's RayTaskRunner: each stage job a Ray task, on a local Ray or a cluster; runner.ray)."""
     max_workers: int = Field(gt=0)
     """Stage jobs run at once with kind=threads; on a 2-core CPU 1 is fastest (torch uses both cores)."""
+    ray: RayConfig | None
+    """kind=ray's cluster, retries and per-stage resources (conf/runner/ray.yaml); null with the other kinds."""
+
+    @model_validator(mode="after")
+    def _ray_settings(self) -> RunnerConfig:
+        if self.kind == "ray" and self.ray is None:
+            raise ValueError("runner.kind=ray needs runner.ray (select it with runner=ray, not runner.kind=ray)")
+        return self
 
 
 class TrackingConfig(Settings):
@@ -106,6 +154,9 @@ class PipelineConfig(Settings):
                 raise ValueError("sft.mixing=aioli measures each domain's loss on the dev split: data.dev_size is 0")
             if self.sft.loss != "nll":
                 raise ValueError(f"sft.mixing=aioli trains with the nll loss; sft.loss={self.sft.loss!r}")
+        if self.run.optimized_metric and self.data.dev_size < 1:
+            raise ValueError(f"run.optimized_metric={self.run.optimized_metric!r} scores the dev split: "
+                             "data.dev_size is 0")
         merge.check(self.merge, domains)
         self.teacher.check_backend("teacher")
         self.eval.check_backend("eval")

@@ -51,6 +51,7 @@ def proxy_settings(cfg: PipelineConfig) -> dict[str, Any]:
         "lr": climb.proxy_lr, "batch_size": climb.proxy_batch_size, "max_steps": climb.proxy_steps,
         "epochs": 10_000, "grad_accum": 1, "finetune": climb.proxy_finetune, "checkpoint_every": 0, "loss": "nll",
         "recipe": "single", "mixture": False, "warmup_ratio": 0.0, "scheduler": "constant_with_warmup",
+        "strategy": "auto", "devices": 1, "num_nodes": 1,  # a proxy is small: one process (Ray runs several)
     }).model_dump()
 
 
@@ -67,6 +68,28 @@ def run_name(mixture: dict[str, float]) -> str:
     round trip of a float must not matter)."""
     blob = json.dumps({k: round(v, 12) for k, v in sorted(mixture.items())})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ray_map():
+    """Under runner=ray this build runs in a Ray worker: a round's proxy runs then fan out as Ray tasks, each
+    reserving what this job reserved (Ray lends a task blocked in ray.get its CPUs, so they fit). Otherwise None:
+    one proxy run after another."""
+    import sys
+
+    if "ray" not in sys.modules:  # never imported: not in a Ray worker (and importing it costs seconds)
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    remote_options = {"num_cpus": assigned.get("CPU", 1), "num_gpus": assigned.get("GPU", 0)}
+
+    def run_all(objective, mixtures: list[dict[str, float]]) -> list[float]:
+        proxy = ray.remote(**remote_options)(objective).options(name="climb-proxy")
+        return ray.get([proxy.remote(m) for m in mixtures])
+
+    return run_all
 
 
 def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
@@ -112,7 +135,7 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
 
     result = climb.search(objective, sizes, budget=settings["budget"], rounds=settings["rounds"],
                           ratios=settings["ratios"], seed=seed, temperature=job.config["temperature"],
-                          n_candidates=settings["candidates"],
+                          n_candidates=settings["candidates"], map_rounds=ray_map(),
                           on_result=lambda r: log.info("climb: round %d, proxy %s score %.4f", r.round,
                                                        run_name(r.mixture), r.score))
     report = result.to_dict()
@@ -122,5 +145,9 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     write_json(out / "search.json", report)
     climb.plot_search(result, out / "search.png")
     best = result.best_observed
-    return {"weights": result.chosen, "predicted_score": result.chosen_predicted, "best_observed_score": best.score,
-            "prior": result.prior, "runs": len(result.runs), "fit": result.fit}
+    if result.chosen_from == "best_observed":
+        log.warning("climb: the predictor fitted on %d proxy runs is constant (LightGBM splits no fewer than 10 "
+                    "points): the chosen weights are the best proxy run's; raise data.climb.budget for a search",
+                    len(result.runs))
+    return {"weights": result.chosen, "chosen_from": result.chosen_from, "predicted_score": result.chosen_predicted,
+            "best_observed_score": best.score, "prior": result.prior, "runs": len(result.runs), "fit": result.fit}

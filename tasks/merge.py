@@ -51,9 +51,10 @@ def plan(cfg: PipelineConfig, item: str, refs: dict[str, ArtifactRef]) -> Job:
                     "merge" in cfg.run.refresh, hint="merge.parameters (weights, lambda), merge.dtype, the branches")
 
 
-def mergekit_config(merge: MergeConfig, base: str, branches: list[str]) -> dict[str, Any]:
-    """The merge as a mergekit YAML would say it. `merge.parameters` holds both kinds of mergekit parameter:
-    per-model ones (weight, density, ...) go to every branch, the rest are global. The student is
+def mergekit_config(merge: MergeConfig, base: str, branches: dict[str, str]) -> dict[str, Any]:
+    """The merge as a mergekit YAML would say it, over the branches (domain -> model path). `merge.parameters`
+    holds both kinds of mergekit parameter: per-model ones (weight, density, ...) go to every branch, the rest
+    are global; `merge.branch_parameters[domain]` overrides per-model ones for one branch. The student is
     `base_model` for methods built on deltas; methods that ignore a base average the branches alone."""
     from branchmerge.models.merging.registry import get_method
 
@@ -61,7 +62,8 @@ def mergekit_config(merge: MergeConfig, base: str, branches: list[str]) -> dict[
     per_model = {k: v for k, v in merge.parameters.items() if k in method.model_names()}
     return {"merge_method": merge.method,
             **({"base_model": base} if method.base != "ignored" else {}),
-            "models": [{"model": path, "parameters": dict(per_model)} for path in branches],
+            "models": [{"model": path, "parameters": per_model | merge.branch_parameters.get(name, {})}
+                       for name, path in branches.items()],
             "parameters": {k: v for k, v in merge.parameters.items() if k not in per_model},
             "dtype": merge.dtype, "out_dtype": merge.out_dtype}
 
@@ -77,8 +79,19 @@ def check(merge: MergeConfig, branches: list[str]) -> None:
         except MergeConfigError as err:
             raise ValueError(f"invalid merge recipe (merge.recipe={merge.recipe!r}): {err}") from None
         return
+    from branchmerge.models.merging.registry import get_method
+
+    for name, params in merge.branch_parameters.items():
+        if name not in branches:
+            raise ValueError(f"merge.branch_parameters.{name}: no such branch; branches (data.domains): "
+                             f"{', '.join(branches)}")
+        allowed = get_method(merge.method).model_names()
+        for key in params:
+            if key not in allowed:
+                raise ValueError(f"merge.branch_parameters.{name}.{key}: not a per-model parameter of "
+                                 f"{merge.method}; per-model parameters: {', '.join(allowed) or 'none'}")
     try:
-        validate_config(mergekit_config(merge, "<base>", [f"<{b}>" for b in branches]))
+        validate_config(mergekit_config(merge, "<base>", {b: f"<{b}>" for b in branches}))
     except (MergeConfigError, ValueError) as err:
         raise ValueError(f"invalid merge config (merge.method={merge.method!r}, merge.parameters="
                          f"{merge.parameters} over {len(branches)} branches): {err}") from None
@@ -99,8 +112,10 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
                             record={"recipe": docs, "inputs": inputs, "seed": job.config["seed"]})
     else:
         merge = MergeConfig.model_validate(job.config["merge"])
-        config = mergekit_config(merge, job.upstream["base"].path, [ref.path for ref in branches.values()])
-        record = {"config": mergekit_config(merge, "base", list(branches)), "inputs": inputs,
+        config = mergekit_config(merge, job.upstream["base"].path,
+                                 {n.removeprefix("sft/"): ref.path for n, ref in branches.items()})
+        record = {"config": mergekit_config(merge, "base", {n.removeprefix("sft/"): n for n in branches}),
+                  "inputs": inputs,
                   "seed": job.config["seed"]}
         result = run_merge(config, out, seed=job.config["seed"], overwrite=True, record=record)
     return without_seconds(result)

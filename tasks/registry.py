@@ -51,7 +51,7 @@ STAGES = (
     Stage("sft", sft, ("model", "teacher", "mix", "climb"), ("sft", "data", "run.seed"), sft.items),
     Stage("merge", merge, ("model", "sft"), ("merge", "run.seed"), _one),
     Stage("rl", rl, ("merge", "mix", "teacher"), ("rl", "run.seed"), rl.items),
-    Stage("eval", eval_stage, ("model", "sft", "merge", "rl", "mix"), ("eval",), eval_stage.models),
+    Stage("eval", eval_stage, ("model", "sft", "merge", "rl", "mix"), ("eval", "run.optimized_metric"), eval_stage.items),
     Stage("report", report, ("eval",), (), _one),
 )
 REGISTRY = {stage.name: stage for stage in STAGES}

@@ -12,6 +12,9 @@ for _var, _value in {
     "HF_HUB_OFFLINE": "1",
     "PREFECT_HOME": f"{_SANDBOX}/prefect",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect waits 20 s for its temporary server; on 2 loaded cores (a test beside a training run) it can take
+    # longer, and the test then fails on a timeout that says nothing about the code
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MLFLOW_TRACKING_URI": f"sqlite:///{_SANDBOX}/mlflow.db",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "BRANCHMERGE_STORE": f"{_SANDBOX}/store",

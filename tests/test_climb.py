@@ -265,10 +265,23 @@ def test_search_report_and_plot(tmp_path):
     assert all(r.predicted is not None for r in res.runs if r.round > 1)
     assert report["best_observed"]["score"] == max(r.score for r in res.runs)
     assert report["chosen"]["predicted_score"] == pytest.approx(res.predict(res.chosen))
+    assert report["chosen"]["from"] == "predictor"
     assert report["predictor"]["n_points"] == 14 and report["predictor"]["early_stopping"] == "holdout"
     assert sum(res.chosen.values()) == pytest.approx(1.0, abs=1e-9)
     png = climb.plot_search(res, tmp_path / "sub" / "climb.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_search_too_small_to_fit_a_predictor_answers_its_best_run():
+    """7 points cannot be split by LightGBM with min_child_samples 5 (each leaf needs 5): the final predictor is
+    a constant, whose best candidate would be the mean of all candidates, i.e. the prior (what the first CPU study
+    of climb_cpu, budget 7, chose on every seed). The best scored mixture stands in, and the report says so."""
+    res = climb.search(_distance_objective, SIZES5, budget=7, seed=0, n_candidates=2000, rounds=3, ratios=None,
+                       temperature=0.5)
+    best = max(res.runs, key=lambda r: r.score)
+    assert res.chosen_from == "best_observed"
+    assert res.chosen == best.mixture and res.chosen_predicted == best.score
+    assert json.loads(res.to_json())["chosen"]["from"] == "best_observed"
 
 
 def test_spearman_matches_scipy():

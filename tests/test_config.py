@@ -208,3 +208,18 @@ def test_help_lists_groups_and_the_most_used_keys_with_descriptions(tmp_path):
     assert "mergekit merge method" in line and line.endswith("[linear]")
     assert "== Config ==" not in out.stdout and len(out.stdout.splitlines()) < 60  # no 169-line dump
     assert not list(tmp_path.iterdir())  # no outputs/ folder
+
+
+def test_run_seed_reaches_an_evaluation_key_only_when_it_samples(tmp_path):
+    """Greedy evaluation (eval.n=0) reads no seed: the base model is evaluated once for every seed of a sweep;
+    with samples (eval.n > 0) the seed draws them and is in the key."""
+    from branchmerge.tasks.registry import dry_run
+
+    def keys(*overrides):
+        cfg = compose(["experiment=tiny", f"run.store={tmp_path}", *overrides])
+        return {name: job.key for name, (job, _) in dry_run(cfg).items()}
+
+    seed0, seed1 = keys("run.seed=0"), keys("run.seed=1")
+    assert seed0["eval/base"] == seed1["eval/base"]
+    assert seed0["sft/arithmetic"] != seed1["sft/arithmetic"]  # what the seed does change
+    assert keys("run.seed=0", "eval.n=2")["eval/base"] != keys("run.seed=1", "eval.n=2")["eval/base"]

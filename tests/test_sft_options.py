@@ -208,6 +208,37 @@ def test_shared_prefix_changes_compute_not_results(tiny_model_dir, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-5, msg=name)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_group_losses_equal_a_full_logits_cross_entropy(tiny_model_dir, lora):
+    """group_losses (shared prefix read once, chunked LM head, what CLIMB's proxies and Aioli read) against the
+    plain definition: one example at a time, full logits, token-weighted mean over each group's target tokens."""
+    from branchmerge.models.training.config import LoraConfig
+    from branchmerge.models.training.toolkit import group_losses, load_for_training
+
+    torch.manual_seed(0)
+    model = load_for_training(tiny_model_dir, lora=LoraConfig(**LORA) if lora else None, gradient_checkpointing=False)
+    if lora:  # peft starts B at zero: move it, so the adapters change the losses
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = few_shot_examples()
+    groups = {"a": examples[:5], "b": examples[5:]}
+    got = group_losses(model, tokenizer, groups, max_length=256, batch_size=3)
+    assert model.training  # put back as it was
+    model.eval()
+    for name, group in groups.items():
+        total, count = 0.0, 0
+        for e in group:
+            row = tokenize_example(tokenizer, e["messages"], e["completion"], 256)
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1]
+            total += float(F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum"))
+            count += int((labels[0, 1:] != -100).sum())
+        assert got[name] == pytest.approx(total / count, rel=1e-5), name
+
+
 def test_shared_prefix_refuses_gradient_checkpointing():
     with pytest.raises(ValueError, match="sft.shared_prefix=true .* set sft.gradient_checkpointing=false"):
         sft_config(shared_prefix=True, gradient_checkpointing=True)

@@ -367,7 +367,9 @@ class SearchResult:
     """Everything a search did and chose; ``to_json()`` is the artifact.
 
     ``chosen`` is CLIMB's answer (the final predictor's best candidate, ``chosen_predicted`` its predicted
-    score); ``best_observed`` the best mixture actually scored. ``fit`` describes the final predictor.
+    score; ``chosen_from`` "predictor", or "best_observed" when the predictor came out constant and the best
+    scored mixture stands in, its score as the prediction); ``best_observed`` the best mixture actually scored.
+    ``fit`` describes the final predictor.
     """
 
     names: list[str]
@@ -377,6 +379,7 @@ class SearchResult:
     runs: list[Run]
     chosen: dict[str, float]
     chosen_predicted: float
+    chosen_from: str
     fit: dict[str, Any]
     settings: dict[str, Any]
     predictor: Any = field(default=None, repr=False, compare=False)  # the final LGBMRegressor; not serialised
@@ -420,7 +423,7 @@ class SearchResult:
             "settings": self.settings,
             "rounds": rounds,
             "predictor": self.fit,
-            "chosen": {"mixture": self.chosen, "predicted_score": self.chosen_predicted},
+            "chosen": {"mixture": self.chosen, "predicted_score": self.chosen_predicted, "from": self.chosen_from},
             "best_observed": {"round": best.round, "mixture": best.mixture, "score": best.score},
         }
 
@@ -452,6 +455,7 @@ def search(
     min_weight: float = MIN_WEIGHT,
     n_candidates: int = N_CANDIDATES,
     on_result: Callable[[Run], None] | None = None,
+    map_rounds: Callable[[Callable, list], list] | None = None,
 ) -> SearchResult:
     """CLIMB's iterative search for the mixture over ``sizes``' clusters that maximises ``objective``.
 
@@ -459,6 +463,8 @@ def search(
     finite score, **higher = better** (negate a loss). ``budget`` objective calls are split over ``rounds`` by
     ``ratios`` (default 2^(rounds-1) : ... : 2 : 1, i.e. CLIMB's 4:2:1). ``sizes`` are the clusters' token
     counts (pass a prior with temperature=1 to use it as is). ``on_result(run)`` is called after each call.
+    ``map_rounds(objective, mixtures)`` scores one round's mixtures (they are independent: e.g. as parallel Ray
+    tasks) and returns their scores in order; by default, one call after another.
     """
     if not callable(objective):
         raise TypeError(f"objective must be callable, got {objective!r}")
@@ -486,9 +492,11 @@ def search(
         else:
             model = fit_predictor(*_pairs(runs, names), seed=seed)
             mixtures, predicted = propose(model, p, n, rng, n_candidates=n_candidates, **sampler)
-        for w, pred in zip(mixtures, predicted):
-            mixture = {c: float(x) for c, x in zip(names, w)}
-            score = objective(dict(mixture))
+        round_mixtures = [{c: float(x) for c, x in zip(names, w)} for w in mixtures]
+        # one call after another is lazy, so each result is reported (on_result) as soon as it exists
+        scores = ((objective(dict(m)) for m in round_mixtures) if map_rounds is None
+                  else map_rounds(objective, [dict(m) for m in round_mixtures]))
+        for mixture, score, pred in zip(round_mixtures, scores, predicted, strict=True):
             if isinstance(score, bool) or not isinstance(score, (int, float, np.integer, np.floating)) \
                     or not math.isfinite(score):
                 raise ValueError(f"objective returned {score!r} for mixture {mixture}; it must be a finite number")
@@ -501,7 +509,17 @@ def search(
     X, y = _pairs(runs, names)
     model = fit_predictor(X, y, seed=seed)
     cand = sample_mixtures(p, n_candidates, np.random.default_rng([seed, len(budgets) + 1]), **sampler)
-    chosen, chosen_predicted = best_candidate(model, cand, _predict(model, cand), min_weight=min_weight)
+    predicted = _predict(model, cand)
+    if np.ptp(predicted) > 0:
+        chosen, chosen_predicted = best_candidate(model, cand, predicted, min_weight=min_weight)
+        chosen_from = "predictor"
+    else:
+        # a constant predictor learnt nothing (LightGBM cannot split fewer than 2 x min_child_samples points):
+        # its "best candidate" would be the mean of all candidates, i.e. the prior. The best mixture actually
+        # scored is the search's answer then.
+        best = max(runs, key=lambda r: r.score)
+        chosen, chosen_predicted = np.array([best.mixture[c] for c in names]), best.score
+        chosen_from = "best_observed"
     return SearchResult(
         names=names,
         shares=shares,
@@ -510,6 +528,7 @@ def search(
         runs=runs,
         chosen={c: float(x) for c, x in zip(names, chosen)},
         chosen_predicted=chosen_predicted,
+        chosen_from=chosen_from,
         fit=fit_quality(model, X, y, seed),
         settings={
             "budget": budget, "rounds": rounds, "ratios": list(ratios), "seed": seed, "temperature": temperature,

@@ -396,6 +396,9 @@ class MergeConfig(Settings):
     """mergekit merge method over every branch (linear, ties, dare_ties, ...); null when recipe is set."""
     parameters: dict[str, Any]
     """mergekit parameters: per-model ones (weight, density, ...) go to every branch, the rest are global."""
+    branch_parameters: dict[str, dict[str, Any]]
+    """Per-model mergekit parameters of one branch, by domain (e.g. {gcd: {weight: 0.5}}), over `parameters` for
+    that branch: what a merge search tunes branch by branch (conf/hparams_search/merge_optuna.yaml); {}: none."""
     dtype: Literal["float32", "bfloat16", "float16"]
     """Compute dtype of a method merge (a recipe's documents carry their own)."""
     out_dtype: Literal["float32", "bfloat16", "float16"]
@@ -415,4 +418,7 @@ class MergeConfig(Settings):
         if (self.method is None) == (self.recipe is None):
             raise ValueError(f"set exactly one of merge.method (got {self.method!r}) and merge.recipe "
                              f"(got {self.recipe!r}): a recipe file replaces method and parameters")
+        if self.recipe is not None and self.branch_parameters:
+            raise ValueError(f"merge.branch_parameters={self.branch_parameters} with merge.recipe={self.recipe!r}: "
+                             "a recipe file gives each model its parameters; set them there")
         return self

@@ -115,7 +115,8 @@ def train_sft_aioli(cfg: SFTConfig, model_dir, groups: dict[str, list[dict]], de
                                   gradient_checkpointing=cfg.gradient_checkpointing)
         module = AioliSFTModule(model, cfg, schedule, pools, dev, tokenizer, seed)
         trainer = make_trainer(max_steps=steps, max_epochs=1, grad_accum=1, precision=cfg.precision, logger=logger,
-                               progress=progress, root_dir=root)
+                               progress=progress, root_dir=root,
+                               strategy="auto", devices=1, num_nodes=1)
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(range(steps), batch_size=None))
         final = trained_model(module.model)
     check_finite_weights(final, trainer.global_step)

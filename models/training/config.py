@@ -113,6 +113,13 @@ class SFTConfig(Settings):
     (loss_impl=chunked, unpacked batches; not with gradient_checkpointing)."""
     checkpoint_every: int = Field(ge=0)
     """Optimizer steps between resumable checkpoints (0: none); a rerun resumes from the last."""
+    strategy: Literal["auto", "ddp", "fsdp"]
+    """Lightning strategy: auto (one process), ddp (a process per device, gradients all-reduced; gloo on CPU) or
+    fsdp (parameters sharded over the devices; CUDA only)."""
+    devices: int = Field(gt=0)
+    """Processes on this node for ddp / fsdp (launched by the stage with torchrun); batch_size is per device."""
+    num_nodes: int = Field(gt=0)
+    """Nodes for ddp / fsdp; > 1 needs the stage started on every node by a launcher (torchrun, srun)."""
     loss: Literal["nll", "poft"]
     """nll, or poft: -log sigmoid(r_model - r_reference), r = the target's log-likelihood."""
     poft_reference: Literal["base", "teacher"]
@@ -154,6 +161,12 @@ class SFTConfig(Settings):
             raise ValueError("sft.shared_prefix=true reads the rows' rest against the shared prefix's KV cache, which "
                              "transformers' checkpointed layers drop: set sft.gradient_checkpointing=false or "
                              "sft.shared_prefix=false")
+        if self.strategy == "auto" and (self.devices, self.num_nodes) != (1, 1):
+            raise ValueError(f"sft.devices={self.devices}, sft.num_nodes={self.num_nodes} with sft.strategy=auto "
+                             "(one process): set sft.strategy=ddp (or fsdp on GPUs) to train on several devices")
+        if self.strategy != "auto" and self.mixing == "aioli":
+            raise ValueError(f"sft.mixing=aioli draws each batch from its live mixture in one process: it does not "
+                             f"run with sft.strategy={self.strategy}; use sft.mixing=static")
         return self
 
 

@@ -233,7 +233,8 @@ def train_dpo(cfg: DPOConfig, model_dir, pairs: list[dict], out_dir, *, seed: in
                                          collate_fn=lambda idx: collate_pairs([rows[i] for i in idx], pad_id))
     with tempfile.TemporaryDirectory() as root, quiet_warnings():
         trainer = make_trainer(max_steps=cfg.steps, max_epochs=1, grad_accum=1, precision=cfg.precision,
-                               logger=logger, progress=progress, root_dir=root)
+                               logger=logger, progress=progress, root_dir=root,
+                               strategy="auto", devices=1, num_nodes=1)
         trainer.fit(module, train_dataloaders=loader)
 
     check_finite_weights(module.model, trainer.global_step)

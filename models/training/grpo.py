@@ -664,7 +664,8 @@ def train_grpo(cfg: RLConfig, model_dir, items: list[dict], reward_fn, build_mes
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
     with tempfile.TemporaryDirectory() as root, quiet_warnings():
         trainer = make_trainer(max_steps=cfg.steps * cfg.num_iterations, max_epochs=1, grad_accum=1,
-                               precision=cfg.precision, logger=logger, progress=progress, root_dir=root)
+                               precision=cfg.precision, logger=logger, progress=progress, root_dir=root,
+                               strategy="auto", devices=1, num_nodes=1)
         trainer.fit(module, train_dataloaders=loader)
 
     check_finite_weights(module.model, trainer.global_step)

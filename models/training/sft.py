@@ -51,6 +51,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from branchmerge.kernels.linear_ce import chunked_linear_logprobs, shifted_linear_cross_entropy
 from branchmerge.models.data.packing import IGNORE_INDEX, pack_examples, packed_collate, packed_model_inputs
 from branchmerge.models.lm.hf import save_model_folder
+from branchmerge.models.training import distributed
 from branchmerge.models.training.config import SFTConfig
 from branchmerge.models.training.toolkit import (  # noqa: F401  (tokenize_example etc.: sft's API too)
     StepCheckpoint,
@@ -103,8 +104,11 @@ class LengthBatchSampler(torch.utils.data.Sampler):
     next pass resume there (what a resumed run needs to see the batches an uninterrupted run would).
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
+        # shard = (rank, world): batch_size is the global batch; this rank yields rows rank, rank + world, ...
+        # of each, or, when that share of a short last batch is empty, row -1 - i: row i without targets (Rows)
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.rank, self.world = shard
         self.epoch, self.served = 0, 0  # next pass's epoch; batches served in the current pass
         self._current = 0
         self._skip = 0
@@ -118,7 +122,7 @@ class LengthBatchSampler(torch.utils.data.Sampler):
         self.epoch, self._skip = self.epoch + 1, 0
         for batch in length_batches(self.lengths, self.batch_size, self.seed + self._current)[skip:]:
             self.served += 1
-            yield batch
+            yield batch[self.rank::self.world] or [-1 - batch[0]]
 
     def state_dict(self) -> dict:
         return {"epoch": self._current, "served": self.served}
@@ -128,6 +132,23 @@ class LengthBatchSampler(torch.utils.data.Sampler):
         if served >= len(self):  # saved at an epoch's last batch: the next pass is the next epoch
             epoch, served = epoch + 1, 0
         self.epoch, self._skip = epoch, served
+
+
+class Rows(torch.utils.data.Dataset):
+    """Training rows by index; index -1 - i is row i with every label masked: a rank's stand-in when its share of
+    a short last batch is empty (it trains nothing, but joins the step's collectives)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if i >= 0:
+            return self.rows[i]
+        row = self.rows[-1 - i]
+        return row | {"labels": [IGNORE_INDEX] * len(row["labels"])}
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
@@ -211,15 +232,36 @@ class SFTModule(L.LightningModule):
         self._pending: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(batch)
-        guard_loss(loss.item(), self.trainer.global_step + 1)  # before this step's update, not after
-        self.tokens += count_tokens(batch)
-        self.target_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self._pending.append(loss.item())
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        tokens = count_tokens(batch) if targets else 0  # a stand-in row (Rows) is not data
+        if self.trainer.world_size == 1:
+            loss = self.loss(batch)
+            value = loss.item()
+        else:
+            loss, value, tokens, targets = self.sharded_loss(batch, tokens, targets)
+        guard_loss(value, self.trainer.global_step + 1)  # before this step's update, not after
+        self.tokens += tokens
+        self.target_tokens += targets
+        self._pending.append(value)
+        self.log("train/loss", value, on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)
         self.log("train/tokens", float(self.tokens), on_step=True)
         return loss
+
+    def sharded_loss(self, batch, tokens: int, targets: int) -> tuple[torch.Tensor, float, int, int]:
+        """This rank's share of the global batch's loss (models/training/distributed.py): the loss is a mean over
+        target tokens (nll) or rows (poft), so rank r's is scaled by its count n_r over the global count N, times
+        the world size W that DDP's gradient average divides by: sum_r n_r L_r / N, the one-process mean.
+        Returns (that loss, the global mean, and the global token and target-token counts)."""
+        world = self.trainer.world_size
+        n = targets if self.cfg.loss == "nll" else int((batch["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum())
+        if n:
+            local = self.loss(batch)
+        else:  # nothing to learn here: a zero loss that still reaches every trainable weight (DDP's buckets)
+            local = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+        stats = torch.tensor([float(n), local.item() * n, float(tokens), float(targets)], dtype=torch.float64)
+        total, loss_sum, all_tokens, all_targets = self.trainer.strategy.reduce(stats, reduce_op="sum").tolist()
+        return local * (n * world / total), loss_sum / total, int(all_tokens), int(all_targets)
 
     def loss(self, batch) -> torch.Tensor:
         """Masked next-token loss (or PoFT); "chunked" never materialises the [tokens, vocab] logits
@@ -291,6 +333,10 @@ def train_sft(cfg: SFTConfig, model_dir, examples: list[dict], out_dir, *, seed:
     """
     if cfg.loss == "poft" and reference_dir is None:
         raise ValueError("sft.loss='poft' needs a reference model (sft.poft_reference)")
+    if cfg.strategy != "auto" and not distributed.launched():  # this process launches the ranks, which come back
+        return distributed.launch(cfg, model_dir, examples, out_dir, seed=seed, reference_dir=reference_dir,
+                                  checkpoint_dir=checkpoint_dir, logger=logger, progress=progress)
+    rank, world = distributed.world()
     # What a checkpoint must agree with to be resumed (with the tokenized data).
     settings = cfg.model_dump(mode="json", exclude={"checkpoint_every"}) | {
         "seed": seed, "model": str(model_dir), "reference": str(reference_dir)}
@@ -318,8 +364,9 @@ def train_sft(cfg: SFTConfig, model_dir, examples: list[dict], out_dir, *, seed:
     else:
         train_rows, collate = kept, pad_collate
     loader = ResumableLoader(
-        train_rows, batch_sampler=LengthBatchSampler([len(r["input_ids"]) for r in train_rows], cfg.batch_size, seed),
-        collate_fn=lambda b: collate(b, pad_id),
+        Rows(train_rows), collate_fn=lambda b: collate(b, pad_id),
+        batch_sampler=LengthBatchSampler([len(r["input_ids"]) for r in train_rows], cfg.batch_size * world, seed,
+                                         shard=(rank, world)),
     )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)  # Lightning steps on a partial accumulation
     total_steps = (cfg.epochs * steps_per_epoch if cfg.max_steps == -1
@@ -337,11 +384,13 @@ def train_sft(cfg: SFTConfig, model_dir, examples: list[dict], out_dir, *, seed:
         module = SFTModule(model, cfg, total_steps)
         trainer = make_trainer(max_steps=cfg.max_steps, max_epochs=cfg.epochs, grad_accum=cfg.grad_accum,
                                precision=cfg.precision, logger=logger, progress=progress, root_dir=root,
-                               callbacks=callbacks)
+                               callbacks=callbacks, strategy=cfg.strategy, devices=cfg.devices,
+                               num_nodes=cfg.num_nodes)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
         final = trained_model(module.model)
     check_finite_weights(final, trainer.global_step)
-    save_model_folder(final, tokenizer, out_dir, cfg.save_dtype)
+    if rank == 0:  # every rank holds the same weights (DDP); one writes them
+        save_model_folder(final, tokenizer, out_dir, cfg.save_dtype)
     return {
         "loss": module.history[-1], "loss_history": module.history, "steps": trainer.global_step,
         "tokens": module.tokens, "target_tokens": module.target_tokens, "examples": len(kept), "rows": len(train_rows),

@@ -210,9 +210,11 @@ def progress_bar():
 
 
 def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision: str, logger, progress: bool,
-                 root_dir: str, callbacks: list | None = None) -> L.Trainer:
+                 root_dir: str, strategy: str, devices: int, num_nodes: int, callbacks: list | None = None
+                 ) -> L.Trainer:
     """Lightning Trainer on the default accelerator: no model summary, metrics logged every step, no checkpoints
-    but those of `callbacks` (StepCheckpoint)."""
+    but those of `callbacks` (StepCheckpoint). strategy auto: one process; ddp / fsdp: this process is one rank
+    of devices x num_nodes that a launcher started (models/training/distributed.py), and Lightning joins them."""
     # Lightning logs "GPU available", "TPU available", a litlogger tip, the precision and why fit stopped at INFO,
     # each twice (its own handler and the root's): the stage's own log line says what ran
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -222,6 +224,7 @@ def make_trainer(*, max_steps: int, max_epochs: int, grad_accum: int, precision:
         logger=logger if logger is not None else False, enable_checkpointing=False, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, use_distributed_sampler=False,
         default_root_dir=root_dir, callbacks=[*(callbacks or []), *([progress_bar()] if progress else [])],
+        **({} if strategy == "auto" else {"strategy": strategy, "devices": devices, "num_nodes": num_nodes}),
     )
 
 
@@ -288,11 +291,13 @@ class StepCheckpoint(Callback):
         step = trainer.global_step
         if step == self.saved or step % self.every or step >= self.total_steps:
             return  # (the last step's weights are saved as the model right after)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
         tmp = self.dirpath / f".{CHECKPOINT}.tmp"
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.dirpath / CHECKPOINT)
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            (self.dirpath / FINGERPRINT).write_text(self.fingerprint)
+        trainer.save_checkpoint(tmp)  # every rank calls it (a collective); rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.dirpath / CHECKPOINT)
         self.saved = step
 
 
@@ -338,27 +343,36 @@ def group_losses(model, tokenizer, groups: dict[str, list[dict]], *, max_length:
                  ) -> dict[str, float]:
     """Each group's mean next-token loss over its examples' target tokens ({"messages", "completion"}, tokenized
     as SFT does), token-weighted within the group: what CLIMB's proxy runs and Aioli's mixing law read off the
-    dev split. The model is put in eval mode for the measurement and back as it was."""
+    dev split. The model is put in eval mode for the measurement and back as it was.
+
+    A batch holds one group's examples, so their common prefix (one task's system prompt and few-shot turns) is
+    read once (decoder_hidden), and only target positions reach the LM head, chunked: full [rows, T, vocab]
+    logits of 16 few-shot dev prompts were ~2 GB and most of a CLIMB proxy run's time."""
+    from branchmerge.kernels.linear_ce import chunked_linear_logprobs
+
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    head = model.get_output_embeddings()
     out = {}
     try:
-        for name, examples in groups.items():
-            rows = [tokenize_example(tokenizer, e["messages"], e["completion"], max_length) for e in examples]
-            rows = sorted((r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])),
-                          key=lambda r: len(r["input_ids"]))  # similar lengths together: less padding
-            if not rows:
-                raise ValueError(f"group {name!r}: no example has a target token within max_length={max_length}")
-            total, count = 0.0, 0
-            for start in range(0, len(rows), batch_size):
-                batch = pad_collate(rows[start:start + batch_size], pad_id)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                total += float(masked_lm_loss(logits, batch["labels"])) * n
-                count += n
-            out[name] = total / count
+        with torch.inference_mode():
+            for name, examples in groups.items():
+                rows = [tokenize_example(tokenizer, e["messages"], e["completion"], max_length) for e in examples]
+                rows = sorted((r for r in rows if any(x != IGNORE_INDEX for x in r["labels"][1:])),
+                              key=lambda r: len(r["input_ids"]))  # similar lengths together: less padding
+                if not rows:
+                    raise ValueError(f"group {name!r}: no example has a target token within max_length={max_length}")
+                total, count = 0.0, 0
+                for start in range(0, len(rows), batch_size):
+                    batch = pad_collate(rows[start:start + batch_size], pad_id)
+                    hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"], shared_prefix=True)
+                    labels = batch["labels"][:, 1:]
+                    logps = chunked_linear_logprobs(hidden[:, :-1].to(head.weight.dtype), head.weight, labels,
+                                                    bias=head.bias)
+                    total -= float(logps.sum())
+                    count += int((labels != IGNORE_INDEX).sum())
+                out[name] = total / count
     finally:
         model.train(was_training)
     return out
