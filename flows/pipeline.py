@@ -30,7 +30,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from branchmerge.flows.config import compose, resolve  # noqa: E402
 from branchmerge.flows.schema import PipelineConfig  # noqa: E402
-from branchmerge.flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
+from branchmerge.flows.tracking import FinalModel, Tracker, check_tracking, eval_set_hash  # noqa: E402
 from branchmerge.tasks.common import Job, execute, write_json  # noqa: E402
 from branchmerge.tasks import eval as eval_stage  # noqa: E402
 from branchmerge.tasks import rl as rl_stage  # noqa: E402
@@ -194,6 +194,7 @@ def branchmerge(config: PipelineConfig | None = DEFAULT_CONFIG, overrides: list[
     cfg = resolve(config, overrides or [], DEFAULT_CONFIG)
     send_logs_to_prefect()
     started = time.perf_counter()
+    preflight(cfg)
     tracker = Tracker(cfg.tracking.enabled, cfg.tracking.tracking_uri, cfg.tracking.experiment)
     tracker.start(cfg.run.name, cfg.model_dump(), {"overrides": " ".join(overrides or [])})
     try:
@@ -204,6 +205,14 @@ def branchmerge(config: PipelineConfig | None = DEFAULT_CONFIG, overrides: list[
         tracker.finish({}, [], status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return finish(cfg, stages, tracker, refs, started)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """What the run needs from its surroundings, checked in seconds before any compute (tasks.store.Unavailable
+    names the setting): a writable store, and MLflow reachable and writable when tracking is on."""
+    Store(cfg.run.store).check_writable()
+    if cfg.tracking.enabled:
+        check_tracking(cfg.tracking.tracking_uri)
 
 
 def training_cost(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> str | None:

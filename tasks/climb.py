@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from branchmerge.flows.schema import PipelineConfig
 
 log = logging.getLogger(__name__)
-DEV_BATCH = 16  # dev prompts scored at once
+DEV_BATCH = 24  # dev prompts scored at once (a domain of the default dev split: its few-shot prefix read once)
 
 
 def items(cfg: PipelineConfig) -> list[str]:

@@ -113,6 +113,11 @@ def read_manifest(folder: Path, stage: str | None = None, key: str | None = None
             "meta": meta}
 
 
+class Unavailable(RuntimeError):
+    """Something the run needs from its surroundings (the store, the MLflow or Prefect server) cannot be used;
+    the message names the setting that points at it. Raised before any compute."""
+
+
 class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -134,6 +139,18 @@ class Store:
         build = _read_json(folder.parent / f".{key}.build.json").get("seconds")
         return ArtifactRef(stage=stage, key=key, path=str(folder), digest=manifest["digest"], status="reused",
                            build_seconds=build if isinstance(build, (int, float)) else None, meta=manifest["meta"])
+
+    def check_writable(self) -> None:
+        """Create the store folder and write and delete a probe file in it, or raise Unavailable naming
+        run.store: a read-only or missing mount fails here, not after the first stage's minutes of work."""
+        probe = self.root / f".probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"0")
+            probe.unlink()
+        except OSError as err:
+            raise Unavailable(f"run.store={str(self.root)!r} is not writable ({err.strerror or err}): point it at a "
+                              "writable folder (BRANCHMERGE_STORE or run.store=...)") from None
 
     def is_valid(self, stage: str, key: str) -> bool:
         return self.load(stage, key) is not None

@@ -368,10 +368,11 @@ def group_losses(model, tokenizer, groups: dict[str, list[dict]], *, max_length:
                     batch = pad_collate(rows[start:start + batch_size], pad_id)
                     hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"], shared_prefix=True)
                     labels = batch["labels"][:, 1:]
-                    logps = chunked_linear_logprobs(hidden[:, :-1].to(head.weight.dtype), head.weight, labels,
-                                                    bias=head.bias)
+                    targets = labels != IGNORE_INDEX  # the prompt positions never reach the LM head
+                    logps = chunked_linear_logprobs(hidden[:, :-1][targets].to(head.weight.dtype), head.weight,
+                                                    labels[targets], bias=head.bias)
                     total -= float(logps.sum())
-                    count += int((labels != IGNORE_INDEX).sum())
+                    count += int(targets.sum())
                 out[name] = total / count
     finally:
         model.train(was_training)
