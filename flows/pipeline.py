@@ -30,7 +30,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from branchmerge.flows.config import compose, resolve  # noqa: E402
 from branchmerge.flows.schema import PipelineConfig  # noqa: E402
-from branchmerge.flows.tracking import FinalModel, Tracker, check_tracking, eval_set_hash  # noqa: E402
+from branchmerge.flows.preflight import preflight  # noqa: E402
+from branchmerge.flows.tracking import FinalModel, Tracker, eval_set_hash  # noqa: E402
 from branchmerge.tasks.common import Job, execute, write_json  # noqa: E402
 from branchmerge.tasks import eval as eval_stage  # noqa: E402
 from branchmerge.tasks import rl as rl_stage  # noqa: E402
@@ -205,14 +206,6 @@ def branchmerge(config: PipelineConfig | None = DEFAULT_CONFIG, overrides: list[
         tracker.finish({}, [], status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return finish(cfg, stages, tracker, refs, started)
-
-
-def preflight(cfg: PipelineConfig) -> None:
-    """What the run needs from its surroundings, checked in seconds before any compute (tasks.store.Unavailable
-    names the setting): a writable store, and MLflow reachable and writable when tracking is on."""
-    Store(cfg.run.store).check_writable()
-    if cfg.tracking.enabled:
-        check_tracking(cfg.tracking.tracking_uri)
 
 
 def training_cost(cfg: PipelineConfig, records: dict[str, dict[str, Any]]) -> str | None:

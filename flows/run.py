@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> float | None:
         remove_job_dir(job_dir)  # a rejected invocation leaves nothing behind
         raise SystemExit(2) from None
 
-    from branchmerge.flows.pipeline import branchmerge, preflight
+    from branchmerge.flows.pipeline import branchmerge
+    from branchmerge.flows.preflight import check_prefect_api, preflight
     from branchmerge.flows.tracking import preload
     from branchmerge.tasks.store import Unavailable
 
@@ -69,32 +70,6 @@ def remove_job_dir(job_dir: Path) -> None:
     with contextlib.suppress(OSError):
         job_dir.parent.rmdir()
         job_dir.parent.parent.rmdir()
-
-
-def check_prefect_api() -> None:
-    """With PREFECT_API_URL set the run reports to that server: it must answer now (Prefect's client would
-    retry, then fail with a traceback). Unset, the run starts its own temporary server."""
-    import urllib.error
-    import urllib.request
-
-    from prefect.settings import PREFECT_API_URL
-
-    from branchmerge.tasks.store import Unavailable
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        return
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        reason = f"HTTP {err.code}: not a Prefect API?"
-    except (urllib.error.URLError, OSError) as err:
-        reason = str(getattr(err, "reason", err))
-    raise Unavailable(f"PREFECT_API_URL={url!r}: no Prefect server answers ({reason}); start it (prefect server "
-                      "start) or unset PREFECT_API_URL to run on a temporary one")
 
 
 def prefect_ui_url() -> str | None:

@@ -33,7 +33,7 @@ class RunConfig(Settings):
     """Run name, 1-64 of letters, digits, '.', '_', '-': names the run folder (runs/<time>-<name>) and MLflow run."""
     store: str
     """Artifact store folder shared by every run and sweep job: the cache and runs/ live here."""
-    seed: int
+    seed: int = Field(ge=0)  # numpy's and Lightning's seeding take no negative seed
     """Seed of the teacher, sft, merge, rl and eval stages (in their cache keys); data.seed draws the data."""
     refresh: list[Literal[STAGE_NAMES]]  # type: ignore[valid-type]
     """Stages to recompute even when cached: any of model, mix, teacher, sft, merge, rl, eval, report."""
@@ -107,7 +107,7 @@ class TrackingConfig(Settings):
     """Log the run and its stages to MLflow; false: no tracking."""
     tracking_uri: str | None
     """MLflow tracking URI (e.g. sqlite:///mlflow.db); null: MLflow's own default URI."""
-    experiment: str
+    experiment: str = Field(min_length=1)
     """MLflow experiment the runs are logged under (created if missing)."""
     registered_model: str | None
     """Registered model the final model is logged to as a new version (alias champion if it wins); null: none."""

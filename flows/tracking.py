@@ -45,39 +45,6 @@ def _connect(tracking_uri: str | None, experiment: str) -> tuple[Any, str, str]:
     return client, uri, exp.experiment_id if exp else client.create_experiment(experiment)
 
 
-def check_tracking(tracking_uri: str | None) -> None:
-    """Raise Unavailable naming tracking.tracking_uri, in seconds, when MLflow cannot be reached or written there.
-    MLflow's client retries a refused connection for minutes, and the background writer would fail only after
-    stages had been computed: a server must answer /health now, a SQLite file's folder must be writable."""
-    import urllib.error
-    import urllib.request
-
-    from branchmerge.tasks.store import Unavailable
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-                reason = f"HTTP {response.status}"
-        except urllib.error.HTTPError as err:
-            reason = f"HTTP {err.code}: not an MLflow server?"
-        except (urllib.error.URLError, OSError) as err:
-            reason = str(getattr(err, "reason", err))
-        raise Unavailable(f"tracking.tracking_uri={uri!r}: no MLflow server answers ({reason}); start it "
-                          "(mlflow server ...) or run with tracking=none")
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-        folder = path.parent
-        problem = (f"folder {str(folder)!r} does not exist" if not folder.is_dir()
-                   else f"{str(path)!r} is read-only" if path.exists() and not os.access(path, os.W_OK)
-                   else f"folder {str(folder)!r} is read-only" if not os.access(folder, os.W_OK) else None)
-        if problem:
-            raise Unavailable(f"tracking.tracking_uri={uri!r}: MLflow cannot write its database ({problem}); point "
-                              "it at a writable place or run with tracking=none")
-
-
 def preload(tracking_uri: str | None, experiment: str) -> None:
     """Start importing MLflow and opening its store now (e.g. while Prefect starts its server)."""
     if (tracking_uri, experiment) not in _WRITERS:

@@ -6,6 +6,7 @@ The flow, the DVC stage CLI and tests all go through `execute`, so caching behav
 """
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -46,6 +47,23 @@ def make_job(stage: str, config: dict[str, Any], upstream: dict[str, ArtifactRef
     return Job(stage=stage, key=key, store=store, refresh=refresh, config=config, upstream=upstream, hint=hint)
 
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, `ulimit -f`
+# how writers that are not Python's file objects say so: safetensors (Rust io::Error), torch.save's zip writer
+NO_ROOM_TEXT = ("No space left on device", "Disk quota exceeded", "File too large", "StorageFull",
+                "file write failed")
+
+
+def out_of_room(err: BaseException) -> bool:
+    """Whether a write failed for want of space, anywhere along the exception's chain."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno in NO_ROOM) or any(t in str(err) for t in NO_ROOM_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def execute(job: Job, build: Callable[[Job, Path], dict[str, Any]]) -> ArtifactRef:
     """The artifact of `job`: the stored one when it is intact (and no refresh is asked), else built by
     build(job, temp folder) -> meta under the key's lock and sealed. A build whose model weights are not finite
@@ -64,13 +82,20 @@ def execute(job: Job, build: Callable[[Job, Path], dict[str, Any]]) -> ArtifactR
             log.warning("%s: artifact %s is incomplete or corrupt; rebuilding it", job.stage, job.key)
         log.info("%s: computing (key %s)", job.stage, job.key)
         meta: dict[str, Any] = {}
-        with store.writer(job.stage, job.key, meta) as tmp:
-            try:
-                meta.update(build(job, tmp))
-            except DivergedError as err:
-                raise StageError(f"{job.stage}: training diverged: {err}"
-                                 + (f"; look at {job.hint}" if job.hint else "")) from err
-            refuse_nonfinite(job, tmp)
+        try:
+            with store.writer(job.stage, job.key, meta) as tmp:
+                try:
+                    meta.update(build(job, tmp))
+                except DivergedError as err:
+                    raise StageError(f"{job.stage}: training diverged: {err}"
+                                     + (f"; look at {job.hint}" if job.hint else "")) from err
+                refuse_nonfinite(job, tmp)
+        except Exception as err:
+            if not out_of_room(err):
+                raise
+            raise StageError(f"{job.stage}: no room left in the store to write it ({err}); nothing half-written "
+                             f"was kept: free space under run.store={job.store!r} and rerun (what was sealed is "
+                             "reused)") from err
         # Trainers, models and optimizer states sit in reference cycles (Lightning): free them before the next
         # stage loads its model, or a long run holds every stage's memory at once.
         gc.collect()

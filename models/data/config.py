@@ -121,7 +121,7 @@ class DataConfig(Settings):
     """Prompts per domain for tuning (mixture and merge searches, checkpoint choice); never in the report."""
     eval_size: int = Field(gt=0)
     """Held-out prompts per domain, only for the final report."""
-    seed: int
+    seed: int = Field(ge=0)  # numpy's generators take no negative seed
     """Seed of the drawn prompts, the train/dev/held-out split, the shots and the clustering."""
     shots: int = Field(ge=0)
     """Worked examples per task, given as previous chat turns before each question."""
