@@ -146,9 +146,9 @@ def table(name_a: str, name_b: str, a: list[dict], b: list[dict], cache: dict) -
 
 def climb_report(summaries: list[dict]) -> None:
     print("\nCLIMB's searches (weights over the clusters; prior = the clusters' shares of the training prompts):\n")
-    print("| seed | proxy runs | best observed score | chosen: predicted score | predictor fit | chosen weights "
-          "| prior |")
-    print("| ---: | ---: | ---: | ---: | --- | --- | --- |")
+    print("| seed | proxy runs | best observed score | chosen from | chosen: predicted score | predictor fit "
+          "| chosen weights | prior |")
+    print("| ---: | ---: | ---: | --- | ---: | --- | --- | --- |")
     for s in summaries:
         out = Path(s["stages"]["climb"]["path"])
         search = json.loads((out / "search.json").read_text())
@@ -156,8 +156,9 @@ def climb_report(summaries: list[dict]) -> None:
         fit = {k: v for k, v in (search["predictor"] or {}).items()
                if k.startswith(("r2", "spearman")) and isinstance(v, (int, float))}
         fit_text = ", ".join(f"{k} {v:.2f}" for k, v in fit.items()) or "-"
+        fit_text += f" ({search['predictor']['n_trees']} trees)"
         print(f"| {s['config']['run']['seed']} | {len(runs)} | {search['best_observed']['score']:.4f} | "
-              f"{search['chosen']['predicted_score']:.4f} | {fit_text} | "
+              f"{search['chosen'].get('from', 'predictor')} | {search['chosen']['predicted_score']:.4f} | {fit_text} | "
               + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(search["chosen"]["mixture"].items(),
                                                             key=lambda kv: int(kv[0]))) + " | "
               + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(search["prior"].items(), key=lambda kv: int(kv[0])))

@@ -2,16 +2,17 @@
 
 The schema (flows/schema.py) judges the config alone; this judges what the config points at: the store must take
 a write, MLflow and the Prefect API must answer, an OpenAI-compatible server a stage will ask must be up, a local
-checkpoint must be a readable Hugging Face folder, and fsdp needs CUDA. Each failure raises `Unavailable` naming
-the setting and its value, so a dead endpoint or a truncated checkpoint is one line at start, not a traceback
-after minutes of work (MLflow's client alone retries a refused connection for four minutes) and never a sealed
-artifact. Called by the flow (CLI, deployments, schedules alike); the CLI calls it before Prefect starts, plus
-`check_prefect_api`.
+checkpoint must be a readable Hugging Face folder, a Ray head given by address must listen, and fsdp needs
+CUDA. Each failure raises `Unavailable` naming the setting and its value, so a dead endpoint or a truncated
+checkpoint is one line at start, not a traceback after minutes of work (MLflow's client alone retries a refused
+connection for four minutes) and never a sealed artifact. Called by the flow (CLI, deployments, schedules
+alike); the CLI calls it before Prefect starts, plus `check_prefect_api`.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import urllib.error
 import urllib.request
@@ -36,6 +37,9 @@ def preflight(cfg: PipelineConfig) -> None:
     for key, model in (("student", cfg.student), ("teacher.model", cfg.teacher.model)):
         if model.source["kind"] == "hf" and (key == "student" or cfg.teacher.uses_local_model()):
             check_checkpoint(f"{key}.source.path", Path(model.source["path"]).expanduser())
+    address = cfg.runner.ray.address if cfg.runner.kind == "ray" and cfg.runner.ray else None
+    if address and address != "auto":
+        check_port("runner.ray.address", address)
     if cfg.sft.strategy == "fsdp":
         import torch
 
@@ -70,6 +74,16 @@ def check_server(key: str, url: str) -> None:
     if (reason := answer(url)) is not None:
         raise Unavailable(f"{key}={url.rsplit('/', 1)[0]!r}: no server answers ({reason}); start it or point "
                           f"{key} at one")
+
+
+def check_port(key: str, address: str) -> None:
+    """A TCP connect to host:port (a Ray head's GCS, or its Ray Client server for ray://)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        raise Unavailable(f"{key}={address!r}: nothing answers there ({err}); start the head (ray start --head) "
+                          "or point it at one") from None
 
 
 def check_tracking(tracking_uri: str | None) -> None:

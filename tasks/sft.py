@@ -3,6 +3,7 @@ the data recipe of conf/sft (models/training/recipes.py), resumable from the sto
 Items: the domains, and `mixture` (sft.mixture): the mixed-data baseline on the union of every domain's data."""
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,8 @@ from branchmerge.tasks.store import ArtifactRef, Store
 
 if TYPE_CHECKING:
     from branchmerge.flows.schema import PipelineConfig
+
+log = logging.getLogger("branchmerge")
 
 MIXTURE = "mixture"
 
@@ -137,5 +140,11 @@ def build(job: Job, out: Path, logger=None) -> dict[str, Any]:
     metrics = train_recipe(cfg, job.upstream["base"].path, stages, out, seed=seed, checkpoint_dir=checkpoints,
                            dev=dev_examples(job) if cfg.mixing == "aioli" and "mix" in job.upstream else None,
                            reference_dir=reference.path if cfg.loss == "poft" else None, logger=logger)
+    # Where training resumed is how this build went, not what it made (a resumed branch's weights equal an
+    # uninterrupted one's): kept out of the meta, which the digest covers, so nothing downstream is rebuilt for it.
+    resumed = max([metrics.pop("resumed_from_step", 0), *(s.pop("resumed_from_step", 0)
+                                                           for s in metrics.get("stages", []))])
+    if resumed:
+        log.info("%s: resumed from its checkpoint at step %d", job.stage, resumed)
     # "examples": the branch's teacher examples; each stage's metrics count what it trained on
     return {**metrics, "examples": len(examples), "stage_examples": [len(s) for s in stages]}

@@ -155,6 +155,8 @@ ENDPOINTS = [  # servers the config points at that do not answer ({dead}: a loop
          "teacher.openai.base_url='http://127.0.0.1:{dead}/v1'"),
     Case("eval-server-down", ("eval.backend=openai", "eval.openai.base_url=http://127.0.0.1:{dead}/v1"),
          "eval.openai.base_url='http://127.0.0.1:{dead}/v1'"),
+    Case("ray-head-down", ("runner=ray", "runner.ray.address=127.0.0.1:{dead}"),
+         "runner.ray.address='127.0.0.1:{dead}'"),
     Case("mlflow-down", ("tracking.tracking_uri=http://127.0.0.1:{dead}",), "tracking.tracking_uri="),
     Case("mlflow-folder-missing", ("tracking.tracking_uri=sqlite:///{tmp}/nowhere/mlflow.db",),
          "tracking.tracking_uri="),
@@ -196,3 +198,18 @@ def test_bad_input_names_the_setting_and_seals_nothing(case, runner, tmp_path, d
     assert fill(case.names) in str(err.value), str(err.value)[:2000]
     assert not list(tmp_path.rglob(MANIFEST)), "an artifact was sealed"
     assert not (store / "runs").exists()
+
+
+def test_a_dead_prefect_api_fails_the_cli_in_seconds(tmp_path, dead_port):
+    """PREFECT_API_URL pointing at nothing: one line naming it, exit 2, before Prefect or any stage starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{dead_port}/api")
+    proc = subprocess.run([sys.executable, "-m", "flows.run", "experiment=tiny", f"run.store={tmp_path}/store"],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"PREFECT_API_URL='http://127.0.0.1:{dead_port}/api': no Prefect server answers" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.rglob(MANIFEST))

@@ -125,17 +125,19 @@ def reference(tmp_path_factory) -> dict:
 def test_sigkill_in_each_stage_then_rerun(reference, tmp_path):
     store, killed_before = tmp_path / "store", None
     for stage, target, nth in KILLS:
-        mark = tmp_path / f"killed-{stage}"
-        proc = subprocess.run([PY, "-c", KILLER, stage, target, str(nth), str(mark), *TINY], cwd=ROOT,
-                              env=env_for(store, tmp_path), capture_output=True, text=True, timeout=900,
-                              start_new_session=True)
+        mark, out = tmp_path / f"killed-{stage}", tmp_path / f"killed-{stage}.log"
+        with open(out, "w") as log_file:  # a file, not a pipe: the killed run's orphans would hold a pipe open
+            proc = subprocess.Popen([PY, "-c", KILLER, stage, target, str(nth), str(mark), *TINY], cwd=ROOT,
+                                    env=env_for(store, tmp_path), stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            proc.wait(timeout=900)
         with contextlib.suppress(ProcessLookupError):  # the run's orphans (Prefect's temporary server) go too
             os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.returncode == -signal.SIGKILL and mark.read_text() == stage, proc.stderr[-3000:]
+        log = out.read_text()
+        assert proc.returncode == -signal.SIGKILL and mark.read_text() == stage, log[-3000:]
         sealed(store)  # no half artifact anywhere
         assert_no_held_lock(store)
         if killed_before:  # this run rebuilt the stage the previous one killed; everything before it was reused
-            log = proc.stdout + proc.stderr
             assert re.search(rf"{killed_before}\S*: computing", log), log[-3000:]
         killed_before = stage
     final = summary(run(store, tmp_path))
@@ -200,6 +202,16 @@ def test_a_read_only_store_fails_naming_it_and_keeps_every_artifact(reference, t
     proc = run(limited, tmp_path, "merge=ties")
     assert proc.returncode == 2 and f"run.store={str(limited)!r} is not writable (Read-only file system)" in proc.stderr
     assert sealed(store) == before
+
+
+def test_a_read_only_mlflow_database_fails_naming_it(reference, tmp_path, limited):
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "mlflow.db").write_bytes(b"")
+    mount("--bind", str(tmp_path / "db"), str(limited))
+    mount("-o", "remount,bind,ro", str(limited))
+    proc = run(tmp_path / "store", tmp_path, f"tracking.tracking_uri=sqlite:///{limited}/mlflow.db")
+    assert proc.returncode == 2 and "tracking.tracking_uri=" in proc.stderr and "read-only" in proc.stderr
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob(MANIFEST))
 
 
 def test_a_full_store_fails_naming_the_stage_seals_nothing_half_and_resumes_when_space_returns(reference, tmp_path,
