@@ -15,6 +15,8 @@ starts on the same host (each run is tagged with its host and process).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -40,9 +42,26 @@ def _connect(tracking_uri: str | None, experiment: str) -> tuple[Any, str, str]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or mlflow.get_tracking_uri()
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client, uri, exp.experiment_id if exp else client.create_experiment(experiment)
+    with _sqlite_init_lock(uri):
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        return client, uri, exp.experiment_id if exp else client.create_experiment(experiment)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """Two runs started together on a new SQLite database would both create MLflow's tables (and the experiment),
+    and one fails ("table ... already exists"): one process at a time opens it, under an flock beside the file."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///").split("?", 1)[0] + ".lock")
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def preload(tracking_uri: str | None, experiment: str) -> None:

