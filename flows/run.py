@@ -50,7 +50,11 @@ def main(cfg: DictConfig) -> float | None:
     if config.tracking.enabled:
         preload(config.tracking.tracking_uri, config.tracking.experiment)  # overlaps Prefect's start-up
 
-    result = branchmerge(config=config, overrides=overrides)
+    try:
+        result = branchmerge(config=config, overrides=overrides)
+    except Unavailable as err:  # an endpoint that failed once the run had started (MLflow's database filled up)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     # the job folder keeps the run's summary: a multirun's comparison (flows/compare.py) reads it there
     shutil.copy(result["summary"], job_dir / "summary.json")
     # the results table was logged above; here is where everything is

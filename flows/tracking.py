@@ -28,7 +28,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from branchmerge.tasks.store import ArtifactRef
+from branchmerge.tasks.store import ArtifactRef, Unavailable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow logs to its own stream handler, past our terminal filter: "Creating initial MLflow database tables..."
@@ -129,8 +129,15 @@ class Tracker:
 
     def _submit(self, fn, *args) -> Future:
         def call():
-            client, self.uri, experiment_id = self._connection.result()
-            return fn(client, experiment_id, *args)
+            try:
+                client, self.uri, experiment_id = self._connection.result()
+                return fn(client, experiment_id, *args)
+            except Unavailable:
+                raise
+            except Exception as err:  # a database that filled up or went away, a server that died mid-run
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise Unavailable(f"tracking.tracking_uri={self.uri!r}: MLflow failed ({type(err).__name__}: "
+                                  f"{first}); the artifacts are sealed and a rerun reuses them") from err
 
         return self._writer.submit(call)
 
@@ -148,7 +155,9 @@ class Tracker:
             self.parent_id = run.info.run_id
             _log(client, self.parent_id, params=_flat("", config, {}))
 
-        self._submit(create)
+        # waited for: a database that is full, read-only or broken fails the run here, before any stage computes
+        # (MLflow's import and connection overlapped Prefect's start-up: preload)
+        self._submit(create).result()
 
     def stage_run(self, name: str, config: dict[str, Any]) -> Future | None:
         """A nested run, created in the background: the Future gives its id (Lightning's logger needs it)."""

@@ -214,6 +214,14 @@ def test_a_read_only_mlflow_database_fails_naming_it(reference, tmp_path, limite
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob(MANIFEST))
 
 
+def test_a_full_mlflow_database_fails_naming_it_before_any_stage(tmp_path, limited):
+    mount("-t", "tmpfs", "-o", "size=300k", "tmpfs", str(limited))  # too small for MLflow's tables
+    proc = run(tmp_path / "store", tmp_path, f"tracking.tracking_uri=sqlite:///{limited}/mlflow.db")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"tracking.tracking_uri='sqlite:///{limited}/mlflow.db': MLflow failed" in proc.stderr
+    assert "full" in proc.stderr and not list((tmp_path / "store").rglob(MANIFEST))
+
+
 def test_a_full_store_fails_naming_the_stage_seals_nothing_half_and_resumes_when_space_returns(reference, tmp_path,
                                                                                               limited):
     # room for the student, the mix and the teacher's data, not for the first branch's weights and checkpoints
