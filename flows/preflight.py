@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from branchmerge.models.training.distributed import device_problem
 from branchmerge.tasks.store import Store, Unavailable
 
 if TYPE_CHECKING:
@@ -40,38 +41,24 @@ def preflight(cfg: PipelineConfig) -> None:
     address = cfg.runner.ray.address if cfg.runner.kind == "ray" and cfg.runner.ray else None
     if address and address != "auto":
         check_port("runner.ray.address", address)
-    if cfg.sft.strategy == "fsdp":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise Unavailable("sft.strategy='fsdp' shards parameters over CUDA devices and this machine has none: "
-                              "use sft.strategy=ddp (gloo on CPUs) or run on GPUs")
+    if cfg.sft.strategy != "auto" and (problem := device_problem(cfg.sft)) is not None:
+        raise Unavailable(problem)
 
 
-def answer(url: str) -> str | None:
-    """None when something answers `url` with HTTP (any status: the server is up), else why not."""
-    try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S):
-            return None
-    except urllib.error.HTTPError:
-        return None
-    except (urllib.error.URLError, OSError) as err:
-        return str(getattr(err, "reason", err))
-
-
-def health(url: str) -> str | None:
-    """None when `url` answers 200, else why not (a /health endpoint: MLflow's, Prefect's)."""
+def probe(url: str, *, any_status: bool = False) -> str | None:
+    """None when `url` answers 200 (a /health endpoint: MLflow's, Prefect's), or any HTTP status with `any_status`
+    (an OpenAI-compatible server's /models: whatever it says, it is up); else why not."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
+            return None if response.status == 200 or any_status else f"HTTP {response.status}"
     except urllib.error.HTTPError as err:
-        return f"HTTP {err.code} from {url}"
+        return None if any_status else f"HTTP {err.code} from {url}"
     except (urllib.error.URLError, OSError) as err:
         return str(getattr(err, "reason", err))
 
 
 def check_server(key: str, url: str) -> None:
-    if (reason := answer(url)) is not None:
+    if (reason := probe(url, any_status=True)) is not None:
         raise Unavailable(f"{key}={url.rsplit('/', 1)[0]!r}: no server answers ({reason}); start it or point "
                           f"{key} at one")
 
@@ -90,7 +77,7 @@ def check_tracking(tracking_uri: str | None) -> None:
     """A server must answer /health; a SQLite file's folder must exist and be writable."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if uri.startswith(("http://", "https://")):
-        if (reason := health(uri.rstrip("/") + "/health")) is not None:
+        if (reason := probe(uri.rstrip("/") + "/health")) is not None:
             raise Unavailable(f"tracking.tracking_uri={uri!r}: no MLflow server answers ({reason}); start it "
                               "(mlflow server ...) or run with tracking=none")
     elif uri.startswith("sqlite:///"):
@@ -110,7 +97,7 @@ def check_prefect_api() -> None:
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
-    if url and (reason := health(url.rstrip("/") + "/health")) is not None:
+    if url and (reason := probe(url.rstrip("/") + "/health")) is not None:
         raise Unavailable(f"PREFECT_API_URL={url!r}: no Prefect server answers ({reason}); start it (prefect server "
                           "start) or unset PREFECT_API_URL to run on a temporary one")
 

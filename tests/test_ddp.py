@@ -70,7 +70,7 @@ def test_bad_parallel_settings_name_the_key():
 def test_fsdp_without_cuda_is_refused_before_training(tiny_model_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA devices")
-    with pytest.raises(ValueError, match="sft.strategy=fsdp.*sft.strategy=ddp"):
+    with pytest.raises(ValueError, match="sft.strategy=.fsdp.*sft.strategy=ddp"):
         train_sft(config(strategy="fsdp", devices=2), tiny_model_dir, examples(), tmp_path / "x", seed=0,
                   progress=False)
     assert not (tmp_path / "x").exists()

@@ -44,6 +44,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def device_problem(cfg) -> str | None:
+    """Why this node cannot run `cfg` (the sft section) as set, else None. The flow's preflight asks this before
+    any stage computes; launch asks it again for callers of the library."""
+    import torch
+
+    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+        return ("sft.strategy='fsdp' shards parameters over CUDA devices and this machine has none: use "
+                "sft.strategy=ddp (gloo on CPUs) or run on GPUs")
+    if torch.cuda.is_available() and cfg.devices > torch.cuda.device_count():
+        return f"sft.devices={cfg.devices} but this node has {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 def launch(cfg, model_dir, examples: list[dict], out_dir, *, seed: int, reference_dir, checkpoint_dir, logger,
            progress: bool) -> dict:
     """Run train_sft in cfg.devices processes on this node; returns rank 0's metrics."""
@@ -53,11 +66,8 @@ def launch(cfg, model_dir, examples: list[dict], out_dir, *, seed: int, referenc
         raise ValueError(f"sft.num_nodes={cfg.num_nodes}: the stage launches processes on this node only; start it "
                          "on every node under a multi-node launcher (torchrun --nnodes, srun), which sets "
                          "WORLD_SIZE / RANK for Lightning")
-    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
-        raise ValueError("sft.strategy=fsdp shards parameters over CUDA devices and this machine has none: use "
-                         "sft.strategy=ddp (gloo on CPU)")
-    if torch.cuda.is_available() and cfg.devices > torch.cuda.device_count():
-        raise ValueError(f"sft.devices={cfg.devices} but this node has {torch.cuda.device_count()} CUDA devices")
+    if (problem := device_problem(cfg)) is not None:
+        raise ValueError(problem)
     with tempfile.TemporaryDirectory(prefix="branchmerge-ddp-") as tmp:
         spec = {
             "cfg": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "out_dir": str(out_dir), "seed": seed,
