@@ -102,7 +102,8 @@ def load_for_training(model_dir, *, lora: LoraConfig | None, gradient_checkpoint
     if lora is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_lora_config(lora))
+        with quiet_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            model = get_peft_model(model, peft_lora_config(lora))
     return model.train()
 
 
