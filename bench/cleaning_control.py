@@ -178,9 +178,13 @@ def main(sweep: Path, draws: int) -> None:
                   f"{c['ci'][1]:+.3f}] | {c['p']:.3f} | " + ", ".join(f"{x:+.3f}" for x in per_seed) + " |")
         gains = [paired(pooled(runs[n]), pooled(runs["uncleaned"]))["difference"] for n in names[2:]]
         filters = paired(pooled(runs["cleaned"]), pooled(runs["uncleaned"]))["difference"]
+        # the filters against dropping random rows: each prompt's value averaged over the draws, then paired
+        random_mean = [pooled([runs[n][i] for n in names[2:]]) for i in range(len(sizes))]
+        excess = paired(pooled(runs["cleaned"]), pooled(random_mean))
         print(f"\n{measure}: the filters' gain {filters:+.3f}; random drops' gains: mean {statistics.mean(gains):+.3f}, "
               f"range [{min(gains):+.3f}, {max(gains):+.3f}]; {sum(g >= filters for g in gains)} of {len(gains)} "
-              "draws at least as large.\n")
+              f"draws at least as large. Cleaned minus the random drops (a prompt's value averaged over the draws): "
+              f"{excess['difference']:+.3f} [{excess['ci'][0]:+.3f}, {excess['ci'][1]:+.3f}], p {excess['p']:.3f}.\n")
 
 
 if __name__ == "__main__":
