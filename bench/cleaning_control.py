@@ -1,6 +1,6 @@
 """Is the cleaning result the filters' doing, or just another training trajectory? (the control owed by issue 14)
 
-    .venv/bin/python bench/cleaning_control.py <multirun folder> [--draws 4]
+    .venv/bin/python bench/cleaning_control.py <multirun folder> [--draws 4] [--drop-from arithmetic]
 
 The multirun's jobs with data.mixture=uniform and the default teacher.clean give, per seed, the teacher's scored
 samples. From them this rebuilds the teacher's SFT rows twice with tasks.teacher.select, the stage's own code:
@@ -16,7 +16,9 @@ store and are reused on a rerun.
 
 Reported, each pooled over seeds (a prompt's value averaged over the seeds, paired bootstrap within domains):
 cleaned minus uncleaned, and each random draw minus uncleaned. If the filters' gain is no larger than what
-dropping random rows gives, the filters earn no credit. Prints Markdown.
+dropping random rows gives, the filters earn no credit. `--drop-from <domain>` draws the random rows from that
+domain instead (as many in all as the filters removed): whether dropping rows helps whichever domain loses them.
+Prints Markdown.
 """
 from __future__ import annotations
 
@@ -32,14 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.mixture_study import item_losses  # noqa: E402
-from branchmerge.flows.schema import validate  # noqa: E402
-from branchmerge.models.eval.metrics import paired  # noqa: E402
-from branchmerge.tasks import eval as eval_task  # noqa: E402
-from branchmerge.tasks import sft as sft_task  # noqa: E402
-from branchmerge.tasks import teacher as teacher_task  # noqa: E402
-from branchmerge.tasks.common import execute, read_json, read_jsonl, write_jsonl  # noqa: E402
-from branchmerge.tasks.store import ArtifactRef  # noqa: E402
+from branchmerge.flows.schema import validate
+from branchmerge.models.eval.metrics import paired
+from branchmerge.tasks import eval as eval_task
+from branchmerge.tasks import sft as sft_task
+from branchmerge.tasks import teacher as teacher_task
+from branchmerge.tasks.common import execute, read_json, read_jsonl, write_jsonl
+from branchmerge.tasks.store import ArtifactRef
+
+from bench.mixture_study import item_losses
 
 
 def refs_of(summary: dict) -> dict[str, ArtifactRef]:
@@ -77,17 +80,21 @@ def row_key(row: dict) -> tuple[str, str]:
     return row["id"], row["completion"]
 
 
-def random_drop(cleaned: list[dict], uncleaned: list[dict], order: dict, rng: random.Random) -> list[dict]:
-    """The uncleaned rows less as many random rows per domain as the filters removed (among rows both keep),
-    plus the rows only cleaning keeps (a later response of a prompt, let in once an earlier one was dropped);
-    in sample order, as the stage writes them."""
+def random_drop(cleaned: list[dict], uncleaned: list[dict], order: dict, rng: random.Random,
+                drop_from: str | None = None) -> list[dict]:
+    """The uncleaned rows less as many random rows per domain as the filters removed (among rows both keep; with
+    `drop_from`, that many in all from that domain), plus the rows only cleaning keeps (a later response of a
+    prompt, let in once an earlier one was dropped); in sample order, as the stage writes them."""
     kept = {row_key(r) for r in cleaned}
     plain = {row_key(r) for r in uncleaned}
+    removed = {d: sum(row_key(r) not in kept for r in uncleaned if r["domain"] == d)
+               for d in sorted({r["domain"] for r in uncleaned})}
+    if drop_from is not None:
+        removed = {drop_from: sum(removed.values())}
     drop: set[tuple[str, str]] = set()
-    for domain in sorted({r["domain"] for r in uncleaned}):
-        removed = sum(row_key(r) not in kept for r in uncleaned if r["domain"] == domain)
+    for domain, count in removed.items():
         common = [row_key(r) for r in uncleaned if r["domain"] == domain and row_key(r) in kept]
-        drop |= set(rng.sample(common, removed))
+        drop |= set(rng.sample(common, count))
     rows = [r for r in uncleaned if row_key(r) not in drop] + [r for r in cleaned if row_key(r) not in plain]
     return sorted(rows, key=lambda r: order[row_key(r)])
 
@@ -129,7 +136,7 @@ def pooled(per_seed: list[list[dict]]) -> list[dict]:
     return list(out.values())
 
 
-def main(sweep: Path, draws: int) -> None:
+def main(sweep: Path, draws: int, drop_from: str | None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -140,7 +147,8 @@ def main(sweep: Path, draws: int) -> None:
         raise SystemExit(f"{sweep}: no job with data.mixture=uniform and teacher.clean filters")
     cache_file = sweep / "cleaning_control_dev.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    names = ["cleaned", "uncleaned", *(f"random {d + 1}" for d in range(draws))]
+    drawn = f"random from {drop_from}" if drop_from else "random"
+    names = ["cleaned", "uncleaned", *(f"{drawn} {d + 1}" for d in range(draws))]
     held: dict[str, list[list[dict]]] = defaultdict(list)
     dev: dict[str, list[list[dict]]] = defaultdict(list)
     sizes = []
@@ -150,7 +158,7 @@ def main(sweep: Path, draws: int) -> None:
             cleaned, uncleaned, order = rebuilt(s, cfg)
             rng = random.Random(seed)
             sets = {"cleaned": cleaned, "uncleaned": uncleaned,
-                    **{f"random {d + 1}": random_drop(cleaned, uncleaned, order, rng) for d in range(draws)}}
+                    **{f"{drawn} {d + 1}": random_drop(cleaned, uncleaned, order, rng, drop_from) for d in range(draws)}}
             sizes.append((seed, {k: len(v) for k, v in sets.items()}))
             folder = Path(cfg.run.store) / "control" / "teacher"
             for name in names:
@@ -191,5 +199,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--drop-from", help="draw the random rows from this domain only")
     args = parser.parse_args()
-    main(args.sweep, args.draws)
+    main(args.sweep, args.draws, args.drop_from)

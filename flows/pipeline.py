@@ -18,6 +18,9 @@ from typing import Any
 for _var, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "branchmerge",
                      "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "TOKENIZERS_PARALLELISM": "false",
+                     # transformers' own bars ("Loading weights", "Writing model shards") on every load and save:
+                     # the terminal's bars are generation's and training's (read when huggingface_hub is imported)
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                      # the store's log lines go to Prefect's API inside a flow run, and only to the terminal outside
                      "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}.items():
     os.environ.setdefault(_var, _value)

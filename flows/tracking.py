@@ -272,6 +272,7 @@ def register(client, uri: str, run_id: str, model: FinalModel) -> str:
     mlflow_logger, components = logging.getLogger("mlflow"), None
     level = mlflow_logger.level
     mlflow_logger.setLevel(logging.ERROR)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
         components = {"model": load_model(model["path"], model["dtype"]), "tokenizer": load_tokenizer(model["path"])}
@@ -283,7 +284,8 @@ def register(client, uri: str, run_id: str, model: FinalModel) -> str:
                 pip_requirements=[f"transformers=={transformers.__version__}",
                                   f"torch=={torch.__version__.split('+')[0]}"])
     finally:
-        transformers.utils.logging.enable_progress_bar()
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
         mlflow_logger.setLevel(level)
         del components
     try:  # client calls, not mlflow.register_model: that one prints to stderr

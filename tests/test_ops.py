@@ -54,7 +54,7 @@ def test_hydra_multirun_sweep_shares_upstream(tmp_path):
     # a quiet terminal: the pipeline's lines, no third-party chatter; each job ends saying where things are
     terminal = proc.stdout + proc.stderr
     for noise in ("litlogger", "GPU available", "FutureWarning", "DeprecationWarning", "Starting temporary server",
-                  "Using bfloat16", "v_num", "prefect.task_runs"):
+                  "Using bfloat16", "v_num", "prefect.task_runs", "Loading weights", "Writing model shards"):
         assert noise not in terminal, noise
     for end in ("final model: ", "report:      ", "summary:     ", "log:         ", "mlflow:      mlflow ui"):
         assert terminal.count(end) == 2, end
