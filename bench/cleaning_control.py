@@ -42,7 +42,7 @@ from branchmerge.tasks import teacher as teacher_task
 from branchmerge.tasks.common import execute, read_json, read_jsonl, write_jsonl
 from branchmerge.tasks.store import ArtifactRef
 
-from bench.mixture_study import item_losses
+from bench.mixture_study import model_dev_rows, pooled
 
 
 def refs_of(summary: dict) -> dict[str, ArtifactRef]:
@@ -113,29 +113,6 @@ def train_and_eval(cfg, refs: dict[str, ArtifactRef], rows: list[dict], folder: 
     return model.path, read_jsonl(Path(evaluated.path) / "generations.jsonl")
 
 
-def dev_rows(model_dir: str, summary: dict, cache: dict) -> list[dict]:
-    if model_dir not in cache:
-        from branchmerge.models.data import domains
-        from branchmerge.models.lm.hf import load_model, load_tokenizer
-
-        mix = Path(summary["stages"]["mix"]["path"])
-        dev = domains.dev_examples(read_jsonl(mix / "dev.jsonl"), read_json(mix / "shots.json"))
-        examples = [e for group in dev.values() for e in group]
-        losses = item_losses(load_model(model_dir, "float32"), load_tokenizer(model_dir), examples,
-                             summary["config"]["sft"]["max_length"])
-        cache[model_dir] = [{"id": e["id"], "domain": e["domain"], "score": -loss, "answer": "", "num_tokens": 0}
-                            for e, loss in zip(examples, losses)]
-    return cache[model_dir]
-
-
-def pooled(per_seed: list[list[dict]]) -> list[dict]:
-    out: dict[str, dict] = {}
-    for rows in per_seed:
-        for r in rows:
-            out.setdefault(r["id"], dict(r, score=0.0))["score"] += r["score"] / len(per_seed)
-    return list(out.values())
-
-
 def main(sweep: Path, draws: int, drop_from: str | None) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -164,7 +141,8 @@ def main(sweep: Path, draws: int, drop_from: str | None) -> None:
             for name in names:
                 model_dir, generations = train_and_eval(cfg, refs_of(s), sets[name], folder)
                 held[name].append(generations)
-                dev[name].append(dev_rows(model_dir, s, cache))
+                dev[name].append(model_dev_rows(model_dir, Path(s["stages"]["mix"]["path"]),
+                                               s["config"]["sft"]["max_length"], cache))
                 print(f"seed {seed} {name}: {len(sets[name])} rows, held-out pass@1 "
                       f"{statistics.mean(g['score'] for g in generations):.3f}", file=sys.stderr)
     finally:

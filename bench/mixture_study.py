@@ -80,7 +80,12 @@ def item_losses(model, tokenizer, examples: list[dict], max_length: int, batch_s
 
 def dev_rows(summary: dict, model: str, cache: dict) -> list[dict]:
     """One row per dev prompt: score = minus the per-token loss of its gold worked answer under `model`."""
-    path = model_path(summary, model)
+    return model_dev_rows(model_path(summary, model), Path(summary["stages"]["mix"]["path"]),
+                          summary["config"]["sft"]["max_length"], cache)
+
+
+def model_dev_rows(path: str, mix: Path, max_length: int, cache: dict) -> list[dict]:
+    """dev_rows for the model folder `path`, on the dev split of the mix artifact `mix`; cached by path."""
     if path not in cache:
         from transformers.utils import logging as hf_logging
 
@@ -89,11 +94,9 @@ def dev_rows(summary: dict, model: str, cache: dict) -> list[dict]:
         from branchmerge.tasks.common import read_json, read_jsonl
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the tables
-        mix = Path(summary["stages"]["mix"]["path"])
         dev = domains.dev_examples(read_jsonl(mix / "dev.jsonl"), read_json(mix / "shots.json"))
         examples = [e for group in dev.values() for e in group]
-        losses = item_losses(load_model(path, "float32"), load_tokenizer(path), examples,
-                             summary["config"]["sft"]["max_length"])
+        losses = item_losses(load_model(path, "float32"), load_tokenizer(path), examples, max_length)
         cache[path] = [{"id": e["id"], "domain": e["domain"], "score": -loss, "answer": "", "num_tokens": 0}
                        for e, loss in zip(examples, losses)]
     return cache[path]
