@@ -39,7 +39,7 @@ from branchmerge.models.eval.metrics import paired
 from branchmerge.tasks import eval as eval_task
 from branchmerge.tasks import sft as sft_task
 from branchmerge.tasks import teacher as teacher_task
-from branchmerge.tasks.common import execute, read_json, read_jsonl, write_jsonl
+from branchmerge.tasks.common import execute, read_json, read_jsonl
 from branchmerge.tasks.store import ArtifactRef
 
 from bench.mixture_study import model_dev_rows, pooled
@@ -106,7 +106,7 @@ def train_and_eval(cfg, refs: dict[str, ArtifactRef], rows: list[dict], folder: 
     data = folder / digest[:20]
     if not (data / "sft.jsonl").exists():
         data.mkdir(parents=True, exist_ok=True)
-        write_jsonl(data / "sft.jsonl", rows)
+        (data / "sft.jsonl").write_text(text)
     teacher = ArtifactRef(stage="teacher", key=f"control-{digest[:20]}", path=str(data), digest=digest)
     model = execute(sft_task.plan(cfg, sft_task.MIXTURE, refs | {"teacher": teacher}), sft_task.build)
     evaluated = execute(eval_task.plan(cfg, sft_task.MIXTURE, refs | {"sft/mixture": model}), eval_task.build)
@@ -153,17 +153,18 @@ def main(sweep: Path, draws: int, drop_from: str | None) -> None:
     print("| data | measure | mean over seeds | minus uncleaned, pooled | 95 % interval | p | per seed |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for measure, runs in (("held-out pass@1", held), ("dev -loss/token", dev)):
+        gain = {}  # minus uncleaned, pooled over seeds
         for name in names:
             mean = statistics.mean(statistics.mean(r["score"] for r in rows) for rows in runs[name])
             if name == "uncleaned":
                 print(f"| {name} | {measure} | {mean:.3f} | | | | |")
                 continue
             c = paired(pooled(runs[name]), pooled(runs["uncleaned"]))
+            gain[name] = c["difference"]
             per_seed = [paired(a, b)["difference"] for a, b in zip(runs[name], runs["uncleaned"])]
             print(f"| {name} | {measure} | {mean:.3f} | {c['difference']:+.3f} | [{c['ci'][0]:+.3f}, "
                   f"{c['ci'][1]:+.3f}] | {c['p']:.3f} | " + ", ".join(f"{x:+.3f}" for x in per_seed) + " |")
-        gains = [paired(pooled(runs[n]), pooled(runs["uncleaned"]))["difference"] for n in names[2:]]
-        filters = paired(pooled(runs["cleaned"]), pooled(runs["uncleaned"]))["difference"]
+        gains, filters = [gain[n] for n in names[2:]], gain["cleaned"]
         # the filters against dropping random rows: each prompt's value averaged over the draws, then paired
         random_mean = [pooled([runs[n][i] for n in names[2:]]) for i in range(len(sizes))]
         excess = paired(pooled(runs["cleaned"]), pooled(random_mean))

@@ -41,7 +41,7 @@ def preflight(cfg: PipelineConfig) -> None:
     address = cfg.runner.ray.address if cfg.runner.kind == "ray" and cfg.runner.ray else None
     if address and address != "auto":
         check_port("runner.ray.address", address)
-    if cfg.sft.strategy != "auto" and (problem := device_problem(cfg.sft)) is not None:
+    if (problem := device_problem(cfg.sft)) is not None:
         raise Unavailable(problem)
 
 
